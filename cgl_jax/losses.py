@@ -1,0 +1,534 @@
+"""Concept Group Learning regularizers as pure JAX functions.
+
+Varshneya et al., "Learning Interpretable Concept Groups in CNNs", IJCAI 2021;
+the method and the points where the paper and the authors' PyTorch code
+(srb-cv/cgl) differ are restated in ``method.md`` of the project spec. Each
+docstring below says which variant a function implements.
+
+Conventions:
+  * Activations are NHWC, ``[B, H, W, C]``; conv kernels are Flax's
+    ``[kh, kw, C_in, C_out]`` (any ``[..., C_out]`` works where noted).
+  * A layer with C channels and G groups has ``f = C // G`` filters per group;
+    group g holds channels ``[g·f, (g+1)·f)``. The ``C − G·f`` leftover ("free")
+    channels are excluded from every group term.
+  * Computation runs in at least float32 (bfloat16/float16 inputs are promoted,
+    float64 stays float64) and the results have that dtype.
+  * Norms and divisions are guarded so that values and gradients stay finite at
+    zero (all-zero maps, constant maps, dead filter groups).
+  * ``axis_name``: inside ``pmap``/``shard_map``/``vmap`` with a named batch axis,
+    batch statistics are summed over that axis with ``jax.lax.psum`` so every
+    device gets the value of the full (global) batch.
+
+This module imports jax only (no flax, no TensorFlow, nothing else from cgl_jax)
+so other JAX projects can use it on its own.
+"""
+import numbers
+from typing import Any, Optional, Sequence, Union
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Array = jax.Array
+AxisName = Any  # a hashable mesh / pmap axis name, or a tuple of them
+Axis = Union[int, Sequence[int]]
+
+PAIRS = ('exact', 'sampled')
+REDUCTIONS = ('per_sample', 'pooled')
+
+
+# ----------------------------------------------------------------------------
+# Validation and small numerics helpers.
+# ----------------------------------------------------------------------------
+
+
+def _compute_dtype(x: Array) -> jnp.dtype:
+  """float32 for low-precision inputs, float64 stays float64."""
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _check_rank(x: Array, name: str, rank: int, layout: str) -> None:
+  if jnp.ndim(x) != rank:
+    raise ValueError(f'{name} must have rank {rank} {layout}; got shape '
+                     f'{tuple(jnp.shape(x))}.')
+
+
+def _check_positive_int(value: Any, name: str, context: str = '') -> None:
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or value <= 0):
+    raise ValueError(f'{name} must be a positive integer; got {value!r}'
+                     f'{context}.')
+
+
+def _group_size(num_channels: int, num_groups: int, *, name: str,
+                shape: Sequence[int]) -> int:
+  """f = C // G after checking 0 < G <= C."""
+  _check_positive_int(num_groups, 'num_groups', f' ({name} shape {tuple(shape)})')
+  if num_groups > num_channels:
+    raise ValueError(f'num_groups={num_groups} exceeds the {num_channels} '
+                     f'channels of {name} with shape {tuple(shape)}.')
+  return num_channels // num_groups
+
+
+def _safe_sqrt(x: Array) -> Array:
+  """sqrt(x) for x >= 0 whose gradient at x = 0 is 0 instead of inf."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def _safe_divide(numerator: Array, denominator: Array) -> Array:
+  """numerator / denominator, and 0 (with zero gradient) where denominator == 0."""
+  nonzero = denominator != 0
+  return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
+
+
+def _vector_norm(x: Array, order: float, axis: Axis) -> Array:
+  """Safe ℓ_order norm (order >= 1 or inf) of x over `axis`."""
+  magnitude = jnp.abs(x)
+  if order == float('inf'):
+    return jnp.max(magnitude, axis=axis)
+  if order == 1:
+    return jnp.sum(magnitude, axis=axis)
+  if order == 2:
+    return _safe_sqrt(jnp.sum(jnp.square(x), axis=axis))
+  total = jnp.sum(magnitude**order, axis=axis)
+  positive = total > 0
+  return jnp.where(positive, jnp.where(positive, total, 1)**(1.0 / order), 0)
+
+
+def _check_norm_order(value: Any, name: str) -> None:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not value >= 1):
+    raise ValueError(f'{name} must be a real number >= 1 (or inf); got {value!r}.')
+
+
+def _batch_sum(x: Any, axis_name: Optional[AxisName]) -> Any:
+  """Sums a pytree over the named batch axis (identity when axis_name is None)."""
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _soft_jaccard_from_l1(diff: Array, norm_p: Array, norm_q: Array) -> Array:
+  """D = 2·‖p−q‖₁ / (‖p‖₁ + ‖q‖₁ + ‖p−q‖₁) from the three L1 norms (0 when all are 0)."""
+  return _safe_divide(2 * diff, norm_p + norm_q + diff)
+
+
+# ----------------------------------------------------------------------------
+# Soft masks.
+# ----------------------------------------------------------------------------
+
+
+def soft_masks(preact: Array, *, scale: Union[float, Array] = 1.0,
+               shift: Union[float, Array] = 0.0, eps: float = 5e-3,
+               axis_name: Optional[AxisName] = None) -> Array:
+  """Soft masks ψ of pre-activations (the paper's "soft receptive fields").
+
+      ψ = sigmoid(scale · a / (S_c + eps) + shift)
+
+  where S_c is the standard deviation of channel c over the batch and both
+  spatial axes with ddof = 1 (not stopped from the gradient). This is the
+  variant without batch norm; paper and authors' code agree on it. ``scale``
+  and ``shift`` are the paper's P1, P2 (fixed to 1, 0 in the authors' code; pass
+  learned scalars to learn them).
+
+  Args:
+    preact: ``[B, H, W, C]`` conv output before the non-linearity.
+    scale: P1, a scalar (Python number or array).
+    shift: P2, a scalar.
+    eps: added to S_c (5e-3 as in the authors' code).
+    axis_name: named batch axis (pmap/shard_map/vmap); S_c is then taken over the
+      global batch, i.e. the ``N = B·H·W`` samples of every device.
+
+  Returns:
+    ψ in (0, 1), ``[B, H, W, C]``, in the compute dtype (>= float32).
+  """
+  _check_rank(preact, 'preact', 4, '[B, H, W, C]')
+  x = jnp.asarray(preact).astype(_compute_dtype(preact))
+  local_count = x.shape[0] * x.shape[1] * x.shape[2]
+  if axis_name is None and local_count < 2:
+    raise ValueError('soft_masks needs at least 2 values per channel for the '
+                     f'ddof=1 standard deviation; preact has shape {x.shape}.')
+  total, count = _batch_sum(
+      (jnp.sum(x, axis=(0, 1, 2)), jnp.asarray(local_count, x.dtype)), axis_name)
+  mean = total / count
+  # Two passes (mean, then squared deviations) for accuracy with large means.
+  squared_deviation = _batch_sum(
+      jnp.sum(jnp.square(x - mean), axis=(0, 1, 2)), axis_name)
+  std = _safe_sqrt(squared_deviation / (count - 1))
+  return jax.nn.sigmoid(scale * x / (std + eps) + shift)
+
+
+def soft_masks_bn(bn_out: Array, gamma: Array, *,
+                  scale: Union[float, Array] = 1.0,
+                  shift: Union[float, Array] = 0.0,
+                  eps: float = 1e-3) -> Array:
+  """Soft masks ψ of a batch-norm output (the paper's "Alexnet-B" form).
+
+      ψ = sigmoid(scale · y / γ̃_c + shift),   γ̃ = sign(γ) · max(|γ|, eps)
+
+  with y the BN output and γ the BN scale, so that y / γ is the normalised,
+  un-scaled activation plus β/γ (the paper's τ = y/γ). ``sign(0)`` counts as +.
+  The authors' code divides by the BN running variance instead; pass that
+  array as ``gamma`` to get their form.
+
+  Args:
+    bn_out: ``[B, H, W, C]`` batch-norm output (before the non-linearity).
+    gamma: ``[C]`` BN scale.
+    scale: P1, a scalar.
+    shift: P2, a scalar.
+    eps: lower bound on |γ| (the guard against division by ~0).
+
+  Returns:
+    ψ in (0, 1), ``[B, H, W, C]``, in the compute dtype (>= float32).
+  """
+  _check_rank(bn_out, 'bn_out', 4, '[B, H, W, C]')
+  if jnp.shape(gamma) != (bn_out.shape[-1],):
+    raise ValueError(f'gamma must have shape [C] = ({bn_out.shape[-1]},) to '
+                     f'match bn_out with shape {tuple(bn_out.shape)}; got shape '
+                     f'{tuple(jnp.shape(gamma))}.')
+  dtype = jnp.promote_types(_compute_dtype(bn_out), _compute_dtype(gamma))
+  y = jnp.asarray(bn_out).astype(dtype)
+  gamma = jnp.asarray(gamma).astype(dtype)
+  small = jnp.abs(gamma) < eps
+  guarded_gamma = jnp.where(small, jnp.where(gamma < 0, -eps, eps), gamma)
+  return jax.nn.sigmoid(scale * y / guarded_gamma + shift)
+
+
+# ----------------------------------------------------------------------------
+# Group coherence L_g.
+# ----------------------------------------------------------------------------
+
+
+def soft_jaccard_distance(p: Array, q: Array, *, axis: Axis) -> Array:
+  """Soft Jaccard distance between (soft) masks, a soft 1 − IoU.
+
+      D(p, q) = 2·‖p − q‖₁ / (‖p‖₁ + ‖q‖₁ + ‖p − q‖₁)
+
+  with the L1 norms over ``axis``. For binary masks D = 1 − |p ∩ q| / |p ∪ q|
+  exactly; two all-zero masks have D = 0 (by convention, with zero gradient).
+  Paper and authors' code agree on this formula.
+
+  Args:
+    p, q: broadcast-compatible arrays, e.g. ``[B, H, W]`` soft masks.
+    axis: the axis or axes the norms run over, e.g. ``(1, 2)`` for per-image D.
+
+  Returns:
+    D in [0, 1] for non-negative inputs, with ``axis`` reduced away.
+  """
+  dtype = jnp.promote_types(_compute_dtype(p), _compute_dtype(q))
+  p = jnp.asarray(p).astype(dtype)
+  q = jnp.asarray(q).astype(dtype)
+  return _soft_jaccard_from_l1(
+      jnp.sum(jnp.abs(p - q), axis=axis),
+      jnp.sum(jnp.abs(p), axis=axis),
+      jnp.sum(jnp.abs(q), axis=axis))
+
+
+def sample_pairs(key: Array, num_filters: int, num_pairs: int) -> Array:
+  """Draws ordered filter pairs (i, j), i ≠ j, uniformly with replacement.
+
+  ``i`` is uniform on ``[0, f)`` and ``j = (i + 1 + u) mod f`` with u uniform on
+  ``[0, f − 1)``, so each of the ``f·(f−1)`` ordered pairs has probability
+  ``1 / (f·(f−1))``. This is what ``group_coherence(..., pairs='sampled')`` uses.
+
+  Args:
+    key: a JAX PRNG key.
+    num_filters: f >= 2, filters per group.
+    num_pairs: r >= 1, the number of pairs.
+
+  Returns:
+    int32 ``[r, 2]``: column 0 holds i, column 1 holds j.
+  """
+  _check_positive_int(num_pairs, 'num_pairs')
+  _check_positive_int(num_filters, 'num_filters')
+  if num_filters < 2:
+    raise ValueError(f'num_filters must be >= 2 to form pairs i != j; got '
+                     f'{num_filters}.')
+  first_key, offset_key = jax.random.split(key)
+  first = jax.random.randint(first_key, (num_pairs,), 0, num_filters)
+  offset = jax.random.randint(offset_key, (num_pairs,), 1, num_filters)
+  return jnp.stack([first, (first + offset) % num_filters], axis=1).astype(jnp.int32)
+
+
+def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
+  """Σ_hw |maps[..., i, :] − maps[..., j, :]| for each pair: [B, G, f, HW] → [B, G, r].
+
+  Gathers both maps of every pair at once: peak memory ≈ 2·B·G·r·H·W values.
+  """
+  first = jnp.take(maps, pair_indices[:, 0], axis=2)
+  second = jnp.take(maps, pair_indices[:, 1], axis=2)
+  return jnp.sum(jnp.abs(first - second), axis=-1)
+
+
+def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
+  """Σ_hw |maps[..., i, :] − maps[..., (i + k) mod f, :]| for every i and shift k.
+
+  A ``lax.scan`` over the shifts, one rematerialised step per shift, so neither
+  the forward nor the backward pass holds more than a few arrays of the size of
+  ``maps`` (no ``f × f × H × W`` intermediate).
+
+  Args:
+    maps: ``[B, G, f, HW]``.
+    shifts: int ``[K]`` with values in ``[1, f)``.
+
+  Returns:
+    ``[B, G, K·f]``, pair index ``k_index · f + i``.
+  """
+  num_filters = maps.shape[2]
+  # maps twice along the filter axis: the shifted copy is a contiguous slice.
+  doubled = jnp.concatenate([maps, maps], axis=2)
+
+  @jax.checkpoint
+  def l1_to_shifted(shift):
+    shifted = lax.dynamic_slice_in_dim(doubled, shift, num_filters, axis=2)
+    return jnp.sum(jnp.abs(maps - shifted), axis=-1)  # [B, G, f]
+
+  _, per_shift = lax.scan(lambda carry, k: (carry, l1_to_shifted(k)), None, shifts)
+  batch, groups = maps.shape[:2]
+  return jnp.moveaxis(per_shift, 0, 2).reshape(batch, groups, -1)
+
+
+def _exact_pairs(num_filters: int) -> tuple[Array, Array, Array]:
+  """Shifts, pair indices and weights that average D over all ordered pairs.
+
+  D is symmetric, so the f·(f−1) ordered pairs (i, i+k mod f), k = 1 … f−1, are
+  covered by the shifts k = 1 … ⌊f/2⌋: shift k stands for itself and for f − k
+  (weight 2), except k = f/2 for even f, which is its own mirror (weight 1).
+
+  Returns:
+    shifts int ``[K]``, pair_indices int ``[K·f, 2]`` (order k-major, as
+    `_shifted_pair_l1` lays them out) and weights ``[K·f]`` summing to 1.
+  """
+  shifts = jnp.arange(1, num_filters // 2 + 1, dtype=jnp.int32)
+  weight_per_shift = jnp.where(2 * shifts == num_filters, 1.0, 2.0) / (
+      num_filters * (num_filters - 1))
+  first = jnp.tile(jnp.arange(num_filters, dtype=jnp.int32), shifts.shape[0])
+  second = (first + jnp.repeat(shifts, num_filters)) % num_filters
+  weights = jnp.repeat(weight_per_shift, num_filters)
+  return shifts, jnp.stack([first, second], axis=1), weights
+
+
+def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
+                    key: Optional[Array] = None,
+                    num_pairs: Optional[int] = None,
+                    pair_indices: Optional[Array] = None,
+                    reduction: str = 'per_sample',
+                    axis_name: Optional[AxisName] = None) -> Array:
+  """Group coherence: mean soft Jaccard distance D between filters of a group.
+
+  For group g (channels ``[g·f, (g+1)·f)``, f = C // G, free channels ignored)
+  and a set of ordered pairs (i, j), i ≠ j, of its filters:
+
+      per_sample: value_g = mean_{pairs} mean_b D(ψ_b[..., g·f+i], ψ_b[..., g·f+j])
+                  (norms over H×W per image; the authors' code; default)
+      pooled:     value_g = mean_{pairs} D(ψ[..., g·f+i], ψ[..., g·f+j])
+                  (norms over B×H×W; the paper's text)
+
+  The layer's L_g is ``value.sum()`` (the network's: mean over layers).
+
+  Pairs:
+    'sampled' (paper and code): ``num_pairs`` (default 3·f) ordered pairs drawn
+      uniformly from ``key`` with `sample_pairs`, the same pairs for every group
+      (as in the authors' code); or the explicit ``pair_indices``. Time and
+      peak memory ≈ 2·B·H·W·G·r values.
+    'exact' (ours): all f·(f−1) ordered pairs. A ``lax.scan`` over the ⌊f/2⌋
+      filter shifts (D is symmetric), each step rematerialised in the backward
+      pass: time O(B·H·W·G·f²/2), peak memory ≈ 4·B·H·W·G·f values (the
+      transposed input, its doubled copy, one step's difference) plus the
+      ``B·G·f²/2`` per-pair sums, whatever f. E.g. f = 100, B = 256, 13×13, G = 5:
+      ≈ 0.9 GB at float32 instead of 43 GB for a materialised pairwise tensor.
+    The expectation of 'sampled' over keys equals 'exact'.
+
+  Args:
+    psi: ``[B, H, W, C]`` soft masks (e.g. from `soft_masks`).
+    num_groups: G, with 1 <= G and f = C // G >= 2.
+    pairs: 'exact' or 'sampled'.
+    key: PRNG key for 'sampled' (ignored by 'exact').
+    num_pairs: r for 'sampled' (default 3·f).
+    pair_indices: int ``[r, 2]`` explicit pairs (i, j) of in-group filter
+      indices for 'sampled', instead of ``key``/``num_pairs``.
+    reduction: 'per_sample' or 'pooled'.
+    axis_name: named batch axis; the mean over images ('per_sample') or the
+      sums over the batch ('pooled') then cover the global batch.
+
+  Returns:
+    ``[G]`` per-group values in the compute dtype (>= float32), each in [0, 1].
+  """
+  _check_rank(psi, 'psi', 4, '[B, H, W, C]')
+  batch, height, width, channels = psi.shape
+  group_size = _group_size(channels, num_groups, name='psi', shape=psi.shape)
+  if group_size < 2:
+    raise ValueError(f'group_coherence needs >= 2 filters per group; psi with '
+                     f'shape {tuple(psi.shape)} and num_groups={num_groups} '
+                     f'gives {group_size}.')
+  if reduction not in REDUCTIONS:
+    raise ValueError(f'reduction must be one of {REDUCTIONS}; got {reduction!r}.')
+  if pairs not in PAIRS:
+    raise ValueError(f'pairs must be one of {PAIRS}; got {pairs!r}.')
+
+  # [B, G, f, H·W]: one contiguous map per filter, grouped.
+  x = jnp.asarray(psi)[..., :num_groups * group_size].astype(_compute_dtype(psi))
+  maps = x.reshape(batch, height * width, num_groups, group_size).transpose(0, 2, 3, 1)
+
+  if pairs == 'exact':
+    if num_pairs is not None or pair_indices is not None:
+      raise ValueError("num_pairs and pair_indices apply to pairs='sampled' only; "
+                       f"got num_pairs={num_pairs!r}, pair_indices "
+                       f"{'given' if pair_indices is not None else 'None'} with "
+                       "pairs='exact'.")
+    shifts, pair_indices, weights = _exact_pairs(group_size)
+    pair_l1 = _shifted_pair_l1(maps, shifts)
+  else:
+    if pair_indices is None:
+      if key is None:
+        raise ValueError("pairs='sampled' needs a PRNG key (or pair_indices); "
+                         'got key=None.')
+      if num_pairs is None:
+        num_pairs = 3 * group_size
+      _check_positive_int(num_pairs, 'num_pairs')
+      pair_indices = sample_pairs(key, group_size, num_pairs)
+    else:
+      if key is not None or num_pairs is not None:
+        raise ValueError('pass either pair_indices or key/num_pairs, not both.')
+      if jnp.ndim(pair_indices) != 2 or jnp.shape(pair_indices)[1] != 2 or (
+          jnp.shape(pair_indices)[0] == 0):
+        raise ValueError('pair_indices must have shape [r, 2] with r >= 1; got '
+                         f'shape {tuple(jnp.shape(pair_indices))}.')
+      if not jnp.issubdtype(jnp.result_type(pair_indices), jnp.integer):
+        raise ValueError('pair_indices must be integers; got dtype '
+                         f'{jnp.result_type(pair_indices)}.')
+    pair_indices = jnp.asarray(pair_indices)
+    weights = jnp.full(pair_indices.shape[0], 1.0 / pair_indices.shape[0])
+    pair_l1 = _sampled_pair_l1(maps, pair_indices)
+
+  filter_l1 = jnp.sum(jnp.abs(maps), axis=-1)  # [B, G, f]
+  first_l1 = jnp.take(filter_l1, pair_indices[:, 0], axis=2)  # [B, G, P]
+  second_l1 = jnp.take(filter_l1, pair_indices[:, 1], axis=2)
+  if reduction == 'pooled':
+    pair_l1, first_l1, second_l1 = _batch_sum(
+        (pair_l1.sum(0), first_l1.sum(0), second_l1.sum(0)), axis_name)
+    distance = _soft_jaccard_from_l1(pair_l1, first_l1, second_l1)  # [G, P]
+  else:
+    per_image = _soft_jaccard_from_l1(pair_l1, first_l1, second_l1)  # [B, G, P]
+    total, count = _batch_sum(
+        (per_image.sum(0), jnp.asarray(batch, per_image.dtype)), axis_name)
+    distance = total / count
+  return distance @ weights.astype(distance.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Spatial concentration L_s.
+# ----------------------------------------------------------------------------
+
+
+def spatial_concentration(psi: Array, *, eps: float = 1e-4) -> Array:
+  """Spatial concentration: mean distance of each mask's mass from its centre.
+
+  For each image b and channel c, with positions j = (y, x) the integer
+  feature-map coordinates:
+
+      c   = Σ_j j·ψ_j / (Σ_j ψ_j + eps)
+      L_s = Σ_j ψ_j·‖j − c‖₂ / (Σ_j ψ_j + eps)
+
+  averaged over all B·C maps (every channel, free ones included). Paper and
+  authors' code agree. ‖·‖₂ uses a safe square root (zero gradient at 0), so
+  single-pixel and all-zero maps are finite in value and gradient. Under a
+  named batch axis, ``lax.pmean`` of the result is the global-batch value.
+
+  Args:
+    psi: ``[B, H, W, C]`` soft masks.
+    eps: added to the mask mass (1e-4 as in the spec).
+
+  Returns:
+    A scalar in the compute dtype (>= float32).
+  """
+  _check_rank(psi, 'psi', 4, '[B, H, W, C]')
+  x = jnp.asarray(psi).astype(_compute_dtype(psi))
+  _, height, width, _ = x.shape
+  rows = jnp.arange(height, dtype=x.dtype)[:, None, None]  # [H, 1, 1] vs [B, H, W, C]
+  cols = jnp.arange(width, dtype=x.dtype)[None, :, None]
+  mass = jnp.sum(x, axis=(1, 2)) + eps  # [B, C]
+  centre_row = jnp.sum(rows * x, axis=(1, 2)) / mass
+  centre_col = jnp.sum(cols * x, axis=(1, 2)) / mass
+  distance = _safe_sqrt(
+      jnp.square(rows - centre_row[:, None, None, :])
+      + jnp.square(cols - centre_col[:, None, None, :]))
+  return jnp.mean(jnp.sum(x * distance, axis=(1, 2)) / mass)
+
+
+# ----------------------------------------------------------------------------
+# Kernel terms: group sparsity R_bn, group relevance, orthogonality.
+# ----------------------------------------------------------------------------
+
+
+def _kernel_group_norms(kernel: Array, num_groups: int, p: float) -> Array:
+  """Safe p-norm of each output-filter group of kernel[..., C_out] → [G]."""
+  if jnp.ndim(kernel) < 2:
+    raise ValueError('kernel must have rank >= 2 [..., C_in, C_out] (Flax conv: '
+                     f'[kh, kw, C_in, C_out]); got shape {tuple(jnp.shape(kernel))}.')
+  channels = kernel.shape[-1]
+  group_size = _group_size(channels, num_groups, name='kernel', shape=kernel.shape)
+  w = jnp.asarray(kernel)[..., :num_groups * group_size].astype(_compute_dtype(kernel))
+  grouped = w.reshape(-1, num_groups, group_size)  # [fan_in, G, f]
+  return _vector_norm(grouped, p, axis=(0, 2))
+
+
+def block_norm(kernel: Array, num_groups: int, *, p: float = 2,
+               q: float = 1) -> Array:
+  """Group-sparsity block norm ℓ_{p,q} over groups of output filters (R_bn).
+
+      R = ‖ (‖W_1‖_p, …, ‖W_G‖_p) ‖_q,   W_g = W[..., g·f:(g+1)·f]
+
+  with ‖W_g‖_p the entry-wise p-norm of the group's filters (p = 2: Frobenius)
+  and free filters (the last C_out − G·f) excluded. The default p = 2, q = 1 is
+  the paper's and code's ℓ_{2,1}: R = Σ_g ‖W_g‖_F. Safe at zero: a dead group
+  contributes 0 with zero (not NaN) gradient.
+
+  Args:
+    kernel: ``[kh, kw, C_in, C_out]`` (any ``[..., C_out]``).
+    num_groups: G, 1 <= G <= C_out.
+    p: inner norm order, >= 1 or inf.
+    q: outer norm order, >= 1 or inf.
+
+  Returns:
+    A scalar in the compute dtype (>= float32).
+  """
+  _check_norm_order(p, 'p')
+  _check_norm_order(q, 'q')
+  return _vector_norm(_kernel_group_norms(kernel, num_groups, p), q, axis=0)
+
+
+def group_relevance(kernel: Array, num_groups: int) -> Array:
+  """Group relevance β_gl = ‖W_g‖_F of each filter group (free filters excluded).
+
+  The paper's concept-group plot uses β_gl and β_l = Σ_g β_gl (=
+  ``block_norm(kernel, num_groups)``).
+
+  Args:
+    kernel: ``[kh, kw, C_in, C_out]`` (any ``[..., C_out]``).
+    num_groups: G, 1 <= G <= C_out.
+
+  Returns:
+    ``[G]`` in the compute dtype (>= float32).
+  """
+  return _kernel_group_norms(kernel, num_groups, 2)
+
+
+def orthogonality(kernel: Array) -> Array:
+  """Soft orthogonality ‖W Wᵀ − I‖_F (authors' code only; off by default).
+
+  W is the kernel reshaped to ``[C_out, kh·kw·C_in]``, so the term pushes the
+  output filters towards an orthonormal set. Safe square root at 0.
+
+  Args:
+    kernel: ``[kh, kw, C_in, C_out]`` (any ``[..., C_out]``).
+
+  Returns:
+    A scalar in the compute dtype (>= float32).
+  """
+  if jnp.ndim(kernel) < 2:
+    raise ValueError('kernel must have rank >= 2 [..., C_in, C_out] (Flax conv: '
+                     f'[kh, kw, C_in, C_out]); got shape {tuple(jnp.shape(kernel))}.')
+  dtype = _compute_dtype(kernel)
+  w = jnp.asarray(kernel).astype(dtype).reshape(-1, kernel.shape[-1]).T
+  gram = jnp.matmul(w, w.T, precision=lax.Precision.HIGHEST)
+  return _safe_sqrt(jnp.sum(jnp.square(gram - jnp.eye(w.shape[0], dtype=dtype))))
