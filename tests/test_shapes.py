@@ -3,12 +3,15 @@ import hashlib
 import itertools
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from cgl_jax.data import broden
 from cgl_jax.data import shapes
 
 TINY = dict(images_per_class=10, train_fraction=0.8)  # 360 train / 90 validation
@@ -311,3 +314,52 @@ def test_bad_arguments_are_named(kwargs, message):
   with pytest.raises(ValueError) as error:
     shapes.generate(kwargs.pop('split'), **kwargs)
   assert str(error.value) == message
+
+
+# ----------------------------------------------------------------------------
+# Broden export.
+
+
+@pytest.fixture(scope='module')
+def broden_export(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('broden') / 'shapes')
+  kwargs = dict(split='validation', seed=2, images_per_class=4, train_fraction=0.5)
+  shapes.export_broden(directory, **kwargs)
+  return directory, shapes.generate(**kwargs)
+
+
+def test_broden_round_trip(broden_export):
+  directory, expected = broden_export
+  probe = broden.Broden(directory)
+  assert len(probe) == len(expected) == 90
+  assert probe.categories == shapes.CATEGORIES
+  assert probe.label_names()[1:] == tuple(name for name, _ in shapes.CONCEPTS)
+  assert [label.category for label in probe.labels[1:]] == [c for _, c in shapes.CONCEPTS]
+  (batch,) = probe.batches(batch_size=len(probe), num_threads=1)
+  np.testing.assert_array_equal(batch['image'], expected.images)
+  label_maps = shapes.concept_label_maps(expected.color_map, expected.shape_map)
+  for category in shapes.CATEGORIES:
+    np.testing.assert_array_equal(batch['pixel_labels'][category][:, 0], label_maps[category])
+  # Label statistics: every image holds exactly two of the 9 colour-shape items.
+  frequency = sum(probe.labels[i].frequency for i in range(7, 16))
+  assert frequency == np.sum([len(set(items)) for items in expected.layout.items])
+
+
+def test_broden_export_refuses_to_overwrite(broden_export):
+  directory, _ = broden_export
+  with pytest.raises(FileExistsError, match='exists; pass overwrite=True'):
+    shapes.export_broden(directory, images_per_class=2, train_fraction=0.5)
+
+
+def test_malformed_exported_index_row_is_named(broden_export, tmp_path):
+  directory = str(tmp_path / 'corrupt')
+  shutil.copytree(broden_export[0], directory)
+  index = os.path.join(directory, 'index.csv')
+  with open(index) as f:
+    lines = f.read().splitlines()
+  lines[3] = lines[3].replace(',64,64,64,64,', ',64,sixty-four,64,64,', 1)
+  with open(index, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with pytest.raises(broden.BrodenFormatError,
+                     match=rf"{re.escape(index)}, line 4: column 'iw' must be an integer"):
+    broden.Broden(directory)

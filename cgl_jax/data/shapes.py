@@ -43,6 +43,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cgl_jax.data import broden
+
 IMAGE_SIZE = 64
 SHAPE_SIZE = 12  # every shape lies inside a SHAPE_SIZE × SHAPE_SIZE box
 COLORS = ('red', 'green', 'blue')
@@ -329,3 +331,25 @@ def generate(split: str, *, setting: str = 'binary', seed: int = 0,
   layout = sample_layout(split, seed=seed, images_per_class=images_per_class,
                          train_fraction=train_fraction)
   return draw(layout, setting)
+
+
+def export_broden(directory: str, *, split: str = 'validation', seed: int = 0,
+                  images_per_class: int = 640, train_fraction: float = 0.8,
+                  overwrite: bool = False) -> str:
+  """Writes one split as a Broden-format probe set (`broden.write_broden`).
+
+  Categories ``color``, ``shape`` and ``color_shape`` with the 15 `CONCEPTS`
+  (label ids 1..15 in that order) as pixel labels; images are lossless PNGs.
+  Both label settings share the images, so the export has no `setting`; pass
+  the generator arguments of the trained dataset (e.g. a tfds config's
+  ``generator_kwargs()``) to probe the images it was validated on.
+
+  Returns:
+    `directory`.
+  """
+  examples = generate(split, seed=seed, images_per_class=images_per_class,
+                      train_fraction=train_fraction)
+  return broden.write_broden(
+      directory, images=examples.images, concepts=CONCEPTS,
+      pixel_labels=concept_label_maps(examples.color_map, examples.shape_map),
+      overwrite=overwrite)
