@@ -1,0 +1,132 @@
+"""Checkpoints in the workdir, and restoring a trained model WITHOUT the trainer.
+
+Layout: `workdir/checkpoints/<step>/` written by one orbax `CheckpointManager`, each step a
+composite of two items so that evaluation and dissection can read the model alone:
+
+    'model'  {'params': …, 'batch_stats': …}   exactly the flax variables `model.apply` needs
+    'train'  {'step', 'opt_state', 'cgl'}      optimiser state and learned P1/P2 (trainer only)
+
+`<step>` counts completed train steps (the state after step N). Kept: the newest
+`config.keep_checkpoints` steps plus the best one by validation top-1 (`BEST_METRIC`, stored as the
+step's orbax metrics). Orbax writes each step into `<step>.orbax-checkpoint-tmp…` and renames it
+only when every file is written, so a process killed mid-save leaves a tmp dir that
+`available_steps` never lists (and the next trainer deletes); restore never sees half a step.
+
+This module must not import the trainer (dissection imports it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from cgl_jax import models
+
+CHECKPOINT_SUBDIR = 'checkpoints'
+BEST_METRIC = 'eval_top1'  # orbax metrics key ranking checkpoints (higher is better)
+MODEL_ITEM = 'model'
+TRAIN_ITEM = 'train'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def create_model(config: ml_collections.ConfigDict):
+  """`models.create(config.model.name, num_classes=…, dtype=…, **config.model.kwargs)`."""
+  kwargs = dict(config.model.kwargs.to_dict()) if config.model.get('kwargs') else {}
+  return models.create(config.model.name, num_classes=config.dataset.num_classes,
+                       dtype=jnp.dtype(config.model.dtype), **kwargs)
+
+
+def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """The one `CheckpointManager` of a workdir (the trainer writes, everyone else reads).
+
+  Args:
+    workdir: the run's directory; checkpoints go to `workdir/checkpoints`.
+    keep: number of newest steps kept.
+    keep_best: number of best steps by `BEST_METRIC` kept in addition (steps saved without
+      metrics only count for `keep`).
+    read_only: never create, write or delete anything (dissection, evaluation).
+  """
+  if keep < 1:
+    raise ValueError(f'keep_checkpoints must be >= 1, got {keep}')
+  policies = ocp.checkpoint_managers
+  preservation = policies.AnyPreservationPolicy([
+      policies.LatestN(keep),
+      policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=keep_best,
+                     keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=preservation, create=not read_only, read_only=read_only,
+      # A killed save leaves `<step>.orbax-checkpoint-tmp*`; the next writer removes it.
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def available_steps(workdir: str) -> list[int]:
+  """Finalised checkpoint steps in `workdir`, ascending ([] when there are none)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return []
+  with create_manager(workdir, read_only=True) as manager:
+    return sorted(manager.all_steps())
+
+
+def best_step(workdir: str) -> int | None:
+  """The kept step with the highest validation top-1, or None when no step has metrics."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with create_manager(workdir, read_only=True) as manager:
+    return manager.best_step()
+
+
+def abstract_variables(model, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  """Shapes/dtypes of `model.init` (no compute): the restore target for the 'model' item."""
+  def init(rng):
+    variables = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape)),
+                           train=False)
+    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None):
+  """Loads a trained model's variables from `workdir` (no optimiser, no trainer).
+
+  Args:
+    config: the run's config (model name/kwargs, num_classes, image size).
+    workdir: the run's directory.
+    step: the checkpoint step; None = the latest finalised one.
+
+  Returns:
+    (model, variables, step): `variables = {'params': …, 'batch_stats': …}` on the default
+    device, ready for `model.apply(variables, images, train=False)`.
+
+  Raises:
+    FileNotFoundError: no finalised checkpoint (or not `step`) in `workdir/checkpoints`.
+  """
+  model = create_model(config)
+  steps = available_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f'no finalised checkpoint in {checkpoint_dir(workdir)}; '
+                            'train first (python -m cgl_jax.main --config=… --workdir=…)')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'checkpoint step {step} not in {checkpoint_dir(workdir)}; '
+                            f'available steps: {steps}')
+  size = config.dataset.image_size
+  target = abstract_variables(model, (size, size, 3))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+  with create_manager(workdir, read_only=True) as manager:
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(target)}))
+  variables = dict(restored[MODEL_ITEM])
+  if not jax.tree.leaves(variables['batch_stats']):
+    variables.pop('batch_stats')
+  return model, variables, step
