@@ -32,6 +32,15 @@ from cgl_jax.data import shapes
 
 _CHUNK = 1024  # images rendered at once while writing (bounds memory)
 
+_DESCRIPTION = """\
+Synthetic images of the Concept Group Learning paper (Varshneya et al., IJCAI
+2021): 64×64 RGB, white background, two filled shapes (square, circle,
+triangle; about 12 px) in pure red, green or blue, one in the top half and one
+in the bottom half. Labels: `binary` (is a square present) or `classes45` (the
+unordered pair of (colour, shape) items). `color_map` and `shape_map` give the
+ground-truth concept of every pixel, for network dissection.
+"""
+
 _CITATION = """\
 @inproceedings{varshneya2021cgl,
   title     = {Learning Interpretable Concept Groups in {CNN}s},
@@ -112,7 +121,7 @@ class CglShapes(tfds.core.GeneratorBasedBuilder):
         shape=(size, size, 1), use_colormap=True,
         doc=f'uint8 label map: 0 = background, 1 + index into {what}.')
     return self.dataset_info_from_configs(
-        description=__doc__.split('\n\n')[0],
+        description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(size, size, 3)),
             'label': tfds.features.ClassLabel(
