@@ -1,0 +1,202 @@
+"""Dissection numerics: the streaming quantile vs numpy, and the IoU tally vs hand-computed values
+and vs the straightforward NumPy port of NetDissect-Lite (cgl_jax/dissect/reference.py)."""
+import functools
+import tracemalloc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgl_jax.data import broden
+from cgl_jax.dissect import quantile, reference, tally
+
+
+def _stream(x, batch):
+  def batches():
+    for start in range(0, len(x), batch):
+      chunk = x[start:start + batch]
+      yield chunk, np.ones(len(chunk), bool)
+  return batches
+
+
+_DISTRIBUTIONS = {
+    'normal': lambda rng: rng.standard_normal((4999, 6)),
+    'ties': lambda rng: np.round(rng.standard_normal((3001, 4)) * 3),  # many equal values
+    'two_signs': lambda rng: np.concatenate([rng.exponential(size=(900, 3)),
+                                             -rng.exponential(size=(900, 3))]),
+    'relu_like': lambda rng: np.maximum(rng.standard_normal((2000, 3)), 0),  # ~half zeros
+    'constant': lambda rng: np.full((50, 2), -1.5),
+    'single': lambda rng: rng.standard_normal((1, 3)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_DISTRIBUTIONS))
+@pytest.mark.parametrize('q', [0.005, 0.25, 0.5])
+def test_exact_quantile_equals_numpy_bit_for_bit(name, q):
+  x = _DISTRIBUTIONS[name](np.random.default_rng(1)).astype(np.float32)
+  thresholds, bound = quantile.streaming_top_quantile(
+      _stream(x, 256), num_units=x.shape[1], num_values=len(x), quantile=q)
+  np.testing.assert_array_equal(thresholds, np.quantile(x, 1 - q, axis=0))
+  assert not bound.any()
+
+
+@pytest.mark.parametrize('bits', [(16, 16), (8, 8, 8, 8), (11, 11, 10)])
+def test_exact_quantile_any_digit_schedule_and_batching(bits):
+  x = np.random.default_rng(2).standard_normal((3000, 5)).astype(np.float32)
+  thresholds, _ = quantile.streaming_top_quantile(
+      _stream(x, 77), num_units=5, num_values=3000, quantile=0.005, bits_per_pass=bits)
+  np.testing.assert_array_equal(thresholds, np.quantile(x, 0.995, axis=0))
+
+
+def test_padded_rows_are_ignored():
+  x = np.random.default_rng(3).standard_normal((1000, 4)).astype(np.float32)
+  padded = np.concatenate([x, np.full((24, 4), 1e9, np.float32)])
+  valid = np.arange(len(padded)) < len(x)
+  thresholds, _ = quantile.streaming_top_quantile(
+      lambda: [(padded, valid)], num_units=4, num_values=1000, quantile=0.01)
+  np.testing.assert_array_equal(thresholds, np.quantile(x, 0.99, axis=0))
+
+
+@pytest.mark.parametrize('name', ['normal', 'ties', 'two_signs', 'relu_like'])
+def test_approximate_quantile_within_its_stated_bound(name):
+  x = _DISTRIBUTIONS[name](np.random.default_rng(4)).astype(np.float32)
+  q = 0.005
+  estimate, bound = quantile.streaming_top_quantile(
+      _stream(x, 500), num_units=x.shape[1], num_values=len(x), quantile=q, exact=False)
+  exact = np.quantile(x, 1 - q, axis=0)
+  assert np.all(np.abs(estimate - exact) <= bound)
+  # The documented bound: half a 16-bit bin, ≤ 2^-8 of the order statistics' magnitude.
+  k, k_next, _ = quantile.TopQuantile(num_units=1, num_values=len(x), quantile=q).ranks
+  ordered = np.sort(x, axis=0)
+  magnitude = np.maximum(np.abs(ordered[k]), np.abs(ordered[k_next]))
+  assert np.all(bound <= 2**-8 * magnitude + 2 * np.spacing(np.abs(estimate)) + 1e-37)
+
+
+def test_quantile_memory_does_not_grow_with_the_stream():
+  selector = quantile.TopQuantile(num_units=8, num_values=1, quantile=0.005)
+  update = jax.jit(selector.update, static_argnames='pass_index')
+  state_bytes = lambda s: sum(leaf.nbytes for leaf in jax.tree.leaves(s))
+
+  def run(num_batches):
+    rng = np.random.default_rng(5)
+    state = selector.init()
+    tracemalloc.start()
+    for _ in range(num_batches):  # a generator: each batch is dropped after its update
+      state = update(state, rng.standard_normal((4096, 8)).astype(np.float32), None,
+                     pass_index=0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return state, peak
+
+  few, peak_few = run(4)
+  many, peak_many = run(40)  # 10× the data: 1.3 MB more if batches were kept
+  assert state_bytes(few) == state_bytes(many) == 8 * (2**16 + 3) * 4
+  assert peak_many < peak_few + 200_000
+
+
+def test_quantile_rejects_bad_arguments():
+  with pytest.raises(ValueError, match='quantile must be in'):
+    quantile.TopQuantile(num_units=1, num_values=10, quantile=1.5)
+  with pytest.raises(ValueError, match='sum to 32'):
+    quantile.TopQuantile(num_units=1, num_values=10, quantile=0.1, bits_per_pass=(16, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# The tally.
+
+
+def _hand_fixture(tmp_path):
+  """3 images of 2×3 pixels; colour per pixel (red=1, blue=2), scene per image (beach=3,
+  forest=4); two units whose activation masks are written out below."""
+  colour = np.array([[[1, 1, 0], [0, 0, 2]],
+                     [[0, 0, 0], [0, 0, 0]],
+                     [[2, 2, 2], [0, 0, 0]]])
+  directory = broden.write_broden(
+      str(tmp_path / 'hand'), images=np.zeros((3, 2, 3, 3), np.uint8),
+      concepts=[('red', 'colour'), ('blue', 'colour'), ('beach', 'scene'), ('forest', 'scene')],
+      pixel_labels={'colour': colour}, image_labels={'scene': [[3], [], [4]]})
+  unit_a = np.array([[[1, 0, 0], [0, 0, 0]],
+                     [[1, 1, 0], [0, 0, 0]],
+                     [[0, 0, 0], [1, 1, 1]]])
+  unit_b = np.array([[[0, 0, 0], [0, 0, 0]],
+                     [[0, 0, 0], [0, 0, 0]],
+                     [[1, 1, 1], [0, 0, 0]]])
+  return broden.Broden(directory), np.stack([unit_a, unit_b], axis=-1).astype(np.float32)
+
+
+def _tally_all(activations, thresholds, batch, category_onehot, images_per_step=1):
+  step = jax.jit(functools.partial(tally.tally_batch, category_onehot=jnp.asarray(category_onehot),
+                                   images_per_step=images_per_step))
+  return tally.TallyCounts(*map(np.asarray, step(
+      activations, thresholds, batch['pixel_labels'], batch['image_labels'],
+      np.ones(len(activations), bool))))
+
+
+def test_tally_equals_hand_computed_counts_and_iou(tmp_path):
+  data, activations = _hand_fixture(tmp_path)
+  batch = next(data.batches(batch_size=3))
+  onehot = tally.category_onehot(data.primary_category_index(), len(data.categories))
+  counts = _tally_all(activations, np.float32([0.5, 0.5]), {
+      'pixel_labels': batch['pixel_labels']['colour'],
+      'image_labels': batch['image_labels']['scene']}, onehot)
+  # label areas: red 2 px, blue 1 + 3 px, beach and forest one whole image (6 px) each.
+  np.testing.assert_array_equal(counts.labels, [0, 2, 4, 6, 6])
+  np.testing.assert_array_equal(counts.units, [6, 3])
+  # Unit A: red ∩ = 1 (image 0), beach ∩ = all of image 0's 1 px, forest ∩ = image 2's 3 px.
+  np.testing.assert_array_equal(counts.both, [[0, 1, 0, 1, 3], [0, 0, 3, 0, 3]])
+  # Category-touch rule: unit A's pixels count for 'colour' only in image 0 (1 px: image 1 has
+  # no labels, image 2's mask misses the blue row); for 'scene' in images 0 and 2 (1 + 3 px).
+  np.testing.assert_array_equal(counts.units_cat, [[1, 4], [3, 3]])
+  iou = tally.iou(counts, data.primary_category_index())
+  expected = np.array([[0, 1 / (1 + 2 - 1), 0 / (1 + 4), 1 / (4 + 6 - 1), 3 / (4 + 6 - 3)],
+                       [0, 0 / (3 + 2), 3 / (3 + 4 - 3), 0 / (3 + 6), 3 / (3 + 6 - 3)]])
+  np.testing.assert_allclose(iou, expected, rtol=1e-9)
+  concepts = tally.unit_concepts(iou, data.primary_category_index(), 2)
+  assert data.label_names()[concepts.label[0]] == 'red' and concepts.score[0] == pytest.approx(0.5)
+  assert data.label_names()[concepts.label[1]] == 'blue'
+  np.testing.assert_array_equal(concepts.category_label, [[1, 4], [2, 4]])
+  summary = tally.detector_summary(concepts, threshold=0.6, categories=data.categories,
+                                   label_names=data.label_names())
+  assert summary['detectors'] == 1 and summary['detectors_per_concept'] == {'blue': 1}
+  assert summary['unique_detectors_per_category'] == {'colour': 1, 'scene': 0}
+
+
+def test_tally_matches_numpy_reference_with_upsampling_layers_and_padding():
+  """Random labels in 3 categories, 2 pixel layers, image-level ids, ×2 bilinear upsampling of
+  integer maps (exact in float32, so both implementations see identical masks)."""
+  rng = np.random.default_rng(0)
+  n, units, h, seg, num_labels = 6, 5, 4, 8, 9
+  activations = rng.integers(-4, 5, (n, h, h, units)).astype(np.float32)
+  thresholds = rng.integers(-2, 3, units).astype(np.float32) + 0.1
+  pixel = rng.integers(0, num_labels, (n, 2, seg, seg)).astype(np.int32)
+  pixel[:, :, :3] = 0
+  image = rng.integers(0, num_labels, (n, 2)).astype(np.int32)
+  primary = np.array([-1, 0, 0, 0, 1, 1, 2, 2, 2])
+  onehot = tally.category_onehot(primary, 3)
+  expected = reference.tally(np.moveaxis(activations, 3, 1), thresholds, zip(pixel, image),
+                             category_onehot=onehot)
+  # Pad the batch to 8 with garbage marked invalid, scan 2 images per step.
+  pad = lambda x: np.concatenate([x, np.ones((2,) + x.shape[1:], x.dtype) * 3])
+  step = jax.jit(functools.partial(tally.tally_batch, category_onehot=jnp.asarray(onehot),
+                                   images_per_step=2))
+  ours = step(pad(activations), thresholds, pad(pixel), pad(image), np.arange(8) < n)
+  for name, got, want in zip(tally.TallyCounts._fields, ours, expected):
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+  assert expected.units_cat.min() < expected.units.max()  # the touch rule was exercised
+
+
+def test_upsampling_matches_pil_bilinear():
+  x = np.random.default_rng(6).standard_normal((1, 7, 5, 1)).astype(np.float32)
+  ours = np.asarray(tally.upsample(jnp.asarray(x), (13, 11)))[0, :, :, 0]
+  np.testing.assert_allclose(ours, reference.upsample_bilinear(x[0, :, :, 0], (13, 11)),
+                             atol=2e-6)
+
+
+def test_images_per_step_divides_batch_and_respects_budget():
+  # 4·(4096·(256 + 16) + 256·16) B ≈ 4.5 MB per image: 57 fit in 256 MiB → divisor 32.
+  assert tally.images_per_step(batch_size=64, pixels=4096, num_units=256, num_labels=16) == 32
+  # Broden at 112²: 4·(12544·(512 + 1198) + 512·1198) B ≈ 88 MB per image → 2.
+  assert tally.images_per_step(batch_size=64, pixels=112 * 112, num_units=512,
+                               num_labels=1198) == 2
+  assert tally.images_per_step(batch_size=7, pixels=10**6, num_units=512, num_labels=1198) == 1
