@@ -263,8 +263,8 @@ def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
   """Σ_hw |maps[..., i, :] − maps[..., (i + k) mod f, :]| for every i and shift k.
 
   A ``lax.scan`` over the shifts, one rematerialised step per shift, so neither
-  the forward nor the backward pass holds more than a few arrays of the size of
-  ``maps`` (no ``f × f × H × W`` intermediate).
+  the forward nor the backward pass holds more than about three arrays of the
+  size of ``maps`` (no ``f × f × H × W`` intermediate).
 
   Args:
     maps: ``[B, G, f, HW]``.
@@ -273,13 +273,12 @@ def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
   Returns:
     ``[B, G, K·f]``, pair index ``k_index · f + i``.
   """
-  num_filters = maps.shape[2]
-  # maps twice along the filter axis: the shifted copy is a contiguous slice.
-  doubled = jnp.concatenate([maps, maps], axis=2)
+  filters = jnp.arange(maps.shape[2])
 
   @jax.checkpoint
   def l1_to_shifted(shift):
-    shifted = lax.dynamic_slice_in_dim(doubled, shift, num_filters, axis=2)
+    # A gather (not jnp.roll): its transpose accumulates into one buffer.
+    shifted = jnp.take(maps, (filters + shift) % maps.shape[2], axis=2)
     return jnp.sum(jnp.abs(maps - shifted), axis=-1)  # [B, G, f]
 
   _, per_shift = lax.scan(lambda carry, k: (carry, l1_to_shifted(k)), None, shifts)
@@ -328,14 +327,16 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
   Pairs:
     'sampled' (paper and code): ``num_pairs`` (default 3·f) ordered pairs drawn
       uniformly from ``key`` with `sample_pairs`, the same pairs for every group
-      (as in the authors' code); or the explicit ``pair_indices``. Time and
-      peak memory ≈ 2·B·H·W·G·r values.
+      (as in the authors' code); or the explicit ``pair_indices``. Time
+      O(B·H·W·G·r); peak memory of value-and-grad ≈ 3.5·B·H·W·G·r values (the
+      gathered maps of both members of every pair).
     'exact' (ours): all f·(f−1) ordered pairs. A ``lax.scan`` over the ⌊f/2⌋
       filter shifts (D is symmetric), each step rematerialised in the backward
-      pass: time O(B·H·W·G·f²/2), peak memory ≈ 4·B·H·W·G·f values (the
-      transposed input, its doubled copy, one step's difference) plus the
-      ``B·G·f²/2`` per-pair sums, whatever f. E.g. f = 100, B = 256, 13×13, G = 5:
-      ≈ 0.9 GB at float32 instead of 43 GB for a materialised pairwise tensor.
+      pass: time O(B·H·W·G·f²/2), peak memory of value-and-grad ≈ 3·B·H·W·G·f
+      values (transposed input, gradient accumulator, one step's difference)
+      plus the ``B·G·f²/2`` per-pair sums, whatever f. E.g. f = 100, B = 256,
+      13×13, G = 5: ≈ 0.3 GB at float32, where a materialised pairwise tensor
+      would take 43 GB.
     The expectation of 'sampled' over keys equals 'exact'.
 
   Args:
@@ -430,8 +431,9 @@ def spatial_concentration(psi: Array, *, eps: float = 1e-4) -> Array:
       L_s = Σ_j ψ_j·‖j − c‖₂ / (Σ_j ψ_j + eps)
 
   averaged over all B·C maps (every channel, free ones included). Paper and
-  authors' code agree. ‖·‖₂ uses a safe square root (zero gradient at 0), so
-  single-pixel and all-zero maps are finite in value and gradient. Under a
+  authors' code agree. ‖·‖₂ uses a safe square root (zero gradient at 0) and an
+  empty map counts 0 (also with eps = 0), so single-pixel and all-zero maps are
+  finite in value and gradient. Under a
   named batch axis, ``lax.pmean`` of the result is the global-batch value.
 
   Args:
@@ -447,12 +449,13 @@ def spatial_concentration(psi: Array, *, eps: float = 1e-4) -> Array:
   rows = jnp.arange(height, dtype=x.dtype)[:, None, None]  # [H, 1, 1] vs [B, H, W, C]
   cols = jnp.arange(width, dtype=x.dtype)[None, :, None]
   mass = jnp.sum(x, axis=(1, 2)) + eps  # [B, C]
-  centre_row = jnp.sum(rows * x, axis=(1, 2)) / mass
-  centre_col = jnp.sum(cols * x, axis=(1, 2)) / mass
+  # _safe_divide: an empty map is 0 (not NaN) even with eps = 0.
+  centre_row = _safe_divide(jnp.sum(rows * x, axis=(1, 2)), mass)
+  centre_col = _safe_divide(jnp.sum(cols * x, axis=(1, 2)), mass)
   distance = _safe_sqrt(
       jnp.square(rows - centre_row[:, None, None, :])
       + jnp.square(cols - centre_col[:, None, None, :]))
-  return jnp.mean(jnp.sum(x * distance, axis=(1, 2)) / mass)
+  return jnp.mean(_safe_divide(jnp.sum(x * distance, axis=(1, 2)), mass))
 
 
 # ----------------------------------------------------------------------------
