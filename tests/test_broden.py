@@ -137,6 +137,9 @@ def test_real_broden_format(tmp_path):
   data = broden.Broden(str(root))
   assert len(data) == 2 and data.num_labels == 301
   assert data.labels[3].category == 'material'  # coverage 4.0 in material > 0.2 in object
+  # Restricted to some categories, the primary one is chosen among those (as the reference).
+  np.testing.assert_array_equal(data.primary_category_index(['object', 'part'])[[1, 3, 4, 300]],
+                                [-1, 0, 1, 1])
   assert dict(data.labels[3].categories) == {'material': 36, 'object': 3}
   assert data.labels[2].name == '' and data.labels[300].name == 'handle'
   assert data.max_layers()['part'] == 2

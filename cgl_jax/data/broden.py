@@ -349,20 +349,21 @@ class Broden:
       frequency[number] = _parse_int(label_path, line, 'frequency', row.get('frequency') or '0')
       coverage[number] = _parse_float(label_path, line, 'coverage', row.get('coverage') or '')
 
-    # The reference's primary category: the category with the largest per-category coverage
-    # (c_<cat>.csv), ties and labels in no category going to the later category.
-    category_coverage = {}
+    # Per label, (coverage, category index) for each c_<cat>.csv listing it: the reference's
+    # primary category is the one of largest coverage (ties: the later category).
+    self._category_coverage: dict[int, list[tuple[float, int]]] = {}
     for index, category in enumerate(self.categories):
       c_path = path(f'c_{category}.csv')
       for line, row in _read_csv(c_path, ('code', 'number')):
         number = _parse_int(c_path, line, 'number', row['number'], minimum=1)
         cov = _parse_float(c_path, line, 'coverage', row.get('coverage') or '')
-        category_coverage.setdefault(number, []).append((cov, index))
+        self._category_coverage.setdefault(number, []).append((cov, index))
     num_labels = max(names, default=0) + 1
     labels = [Label(0, '-', '', 0, 0.0, {})]
     for number in range(1, num_labels):
-      best_index = max(category_coverage.get(number, [(0.0, len(self.categories) - 1)]))[1]
-      labels.append(Label(number, names.get(number, ''), self.categories[best_index],
+      listed = self._category_coverage.get(number)
+      labels.append(Label(number, names.get(number, ''),
+                          self.categories[max(listed)[1]] if listed else '',
                           frequency.get(number, 0), coverage.get(number, 0.0),
                           counts.get(number, {})))
     self.labels: tuple[Label, ...] = tuple(labels)
@@ -417,10 +418,21 @@ class Broden:
   def label_names(self) -> tuple[str, ...]:
     return tuple(label.name for label in self.labels)
 
-  def primary_category_index(self) -> np.ndarray:
-    """int32 [num_labels]: index into `categories` of each label's primary category (0 → -1)."""
-    index = {c: i for i, c in enumerate(self.categories)}
-    return np.array([-1] + [index[label.category] for label in self.labels[1:]], np.int32)
+  def primary_category_index(self, categories: Sequence[str] | None = None) -> np.ndarray:
+    """int32 [num_labels]: each label's primary category as an index into `categories`.
+
+    The primary category is the one (among `categories`, default all) whose c_<cat>.csv gives
+    the label the largest coverage, as the reference decides; -1 for id 0 and for labels in none
+    of `categories`.
+    """
+    categories = tuple(self.categories if categories is None else categories)
+    position = {self.categories.index(c): i for i, c in enumerate(categories)}
+    result = np.full(self.num_labels, -1, np.int32)
+    for number, listed in self._category_coverage.items():
+      chosen = [(cov, index) for cov, index in listed if index in position]
+      if chosen and number < self.num_labels:
+        result[number] = position[max(chosen)[1]]
+    return result
 
   def max_layers(self) -> dict[str, int]:
     """Per category, the most segmentation PNG layers any image has."""

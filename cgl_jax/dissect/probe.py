@@ -1,0 +1,270 @@
+"""Running a model over a Broden probe set: thresholds, tallies and top images per layer.
+
+The probe streams the data set several times, always through the same jitted forward function
+(so every pass sees bit-identical activations):
+
+  passes 1..P  per-unit radix-selection histograms → exact top-q thresholds (`quantile.py`);
+               pass 1 also keeps each unit's top images by maximum activation;
+  last pass    upsample, threshold and tally against the concept labels (`tally.py`).
+
+Memory is independent of the number of probe images: per layer a [C, 2^16] histogram, the
+[C, L] / [C, G] counts and [C, top_images] indices. All layers are probed in the same passes, each
+with its own thresholds and counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cgl_jax import models
+from cgl_jax.data import broden as broden_lib
+from cgl_jax.dissect import quantile as quantile_lib
+from cgl_jax.dissect import tally as tally_lib
+
+
+class Progress:
+  """A one-line progress bar on stderr with rate and ETA (a line per update when not a TTY)."""
+
+  def __init__(self, total: int, *, description: str, unit: str = 'img', stream=None,
+               min_interval_s: float = 0.5):
+    self.total, self.description, self.unit = total, description, unit
+    self.stream = stream or sys.stderr
+    self.min_interval_s = min_interval_s
+    self.done = 0
+    self.start = self.last_print = time.perf_counter()
+    self.interactive = getattr(self.stream, 'isatty', lambda: False)()
+
+  def update(self, count: int) -> None:
+    self.done += count
+    now = time.perf_counter()
+    if now - self.last_print >= self.min_interval_s or self.done >= self.total:
+      self.last_print = now
+      self.stream.write(self.line(now) + ('\r' if self.interactive else '\n'))
+      self.stream.flush()
+
+  def line(self, now: float | None = None) -> str:
+    elapsed = (now or time.perf_counter()) - self.start
+    rate = self.done / max(elapsed, 1e-9)
+    eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+    width = 24
+    filled = int(width * self.done / max(self.total, 1))
+    return (f'{self.description} [{"#" * filled}{"." * (width - filled)}] '
+            f'{self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s '
+            f'elapsed {elapsed:.0f}s ETA {eta:.0f}s')
+
+  def close(self) -> None:
+    if self.interactive:
+      self.stream.write('\n')
+      self.stream.flush()
+
+
+@dataclasses.dataclass
+class LayerDissection:
+  """What the probe measured for one layer.
+
+  thresholds: float32 [C] per-unit T_k.
+  threshold_error_bound: float32 [C] (0 with the exact quantile).
+  counts: the `TallyCounts`.
+  top_indices: int [C, k] probe-image rows with the highest max activation, best first.
+  top_values: float32 [C, k] those maxima.
+  map_size: (h, w) of the layer's maps at the probe image size.
+  """
+  thresholds: np.ndarray
+  threshold_error_bound: np.ndarray
+  counts: tally_lib.TallyCounts
+  top_indices: np.ndarray
+  top_values: np.ndarray
+  map_size: tuple[int, int]
+
+
+def make_forward(model, *, layers: Sequence[str], mean: Sequence[float],
+                 std: Sequence[float]) -> Callable:
+  """jit(variables, uint8 images [b, H, W, 3]) → {layer: float32 [b, h, w, C] pre-activations}.
+
+  Images are normalised as in training: (x − mean) / std on the 0–255 scale.
+  """
+  available = [layer.name for layer in model.conv_layers()]
+  unknown = [name for name in layers if name not in available]
+  if unknown:
+    raise ValueError(f'config.dissect.layers: {unknown} are not conv layers of '
+                     f'{type(model).__name__}; its layers are {available}')
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  @jax.jit
+  def forward(variables, images):
+    x = (images.astype(jnp.float32) - mean) / std
+    _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+    sown = models.get_intermediates(state)
+    return {name: sown[name].astype(jnp.float32) for name in layers}
+
+  return forward
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+  if len(array) == size:
+    return array
+  return np.concatenate([array, np.zeros((size - len(array),) + array.shape[1:], array.dtype)])
+
+
+def stacked_labels(batch: Mapping[str, Any], categories: Sequence[str], *,
+                   segmentation_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """All categories' pixel layers [b, D, sh, sw] and image-level ids [b, K] of a reader batch.
+
+  Label ids are global over categories, so stacking keeps them apart (D, K ≥ 1: a zero layer or
+  column stands in when no category has any).
+  """
+  size = len(batch['index'])
+  pixel = [batch['pixel_labels'][c] for c in categories if c in batch['pixel_labels']]
+  image = [batch['image_labels'][c] for c in categories if c in batch['image_labels']]
+  pixel = (np.concatenate(pixel, axis=1) if pixel
+           else np.zeros((size, 1, *segmentation_size), np.int32))
+  image = np.concatenate(image, axis=1) if image else np.zeros((size, 1), np.int32)
+  return pixel.astype(np.int32), image.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames='k')
+def _merge_top_images(values, indices, activations, rows, valid, *, k):
+  """Running top-k images per unit by maximum activation (ties: the earlier image)."""
+  batch_max = jnp.where(valid[:, None], jnp.max(activations, axis=(1, 2)), -jnp.inf)  # [b, C]
+  all_values = jnp.concatenate([values, batch_max.T], axis=1)
+  all_indices = jnp.concatenate([indices, jnp.broadcast_to(rows, batch_max.T.shape)], axis=1)
+  best_values, position = jax.lax.top_k(all_values, k)
+  return best_values, jnp.take_along_axis(all_indices, position, axis=1)
+
+
+def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequence[str],
+                   mean: Sequence[float], std: Sequence[float], quantile: float,
+                   batch_size: int, image_size: int, top_images: int = 10,
+                   exact_quantile: bool = True, categories: Sequence[str] | None = None,
+                   show_progress: bool = True) -> dict[str, LayerDissection]:
+  """Thresholds, IoU counts and top images of `layers` on probe set `data`.
+
+  Args:
+    model, variables: a Flax model following the `cgl_jax.models` contract and its variables.
+    data: the probe set.
+    layers: sown conv layer names to dissect.
+    mean, std: the model's input normalisation (0–255 scale).
+    quantile: q of the top-q activation threshold (0.005).
+    batch_size: probe images per forward pass (the last batch is padded, so one compilation).
+    image_size: side of the (square) images fed to the model.
+    top_images: images kept per unit for visualisation.
+    exact_quantile: exact thresholds (two streaming passes) or one pass within 2^-8 relative.
+    categories: the concept categories to tally (default: all of `data`).
+    show_progress: progress bars on stderr.
+
+  Returns:
+    {layer: LayerDissection}.
+  """
+  if len(data) == 0:
+    raise ValueError(f'probe set {data.directory} has no images')
+  categories = tuple(data.categories if categories is None else categories)
+  forward = make_forward(model, layers=layers, mean=mean, std=std)
+  probe_shape = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
+  shapes = jax.eval_shape(forward, variables, probe_shape)
+  map_sizes = {name: tuple(shapes[name].shape[1:3]) for name in layers}
+  num_units = {name: shapes[name].shape[3] for name in layers}
+  selectors = {name: quantile_lib.TopQuantile(
+      num_units=num_units[name], num_values=len(data) * int(np.prod(map_sizes[name])),
+      quantile=quantile, exact=exact_quantile) for name in layers}
+  updates = {name: jax.jit(selectors[name].update, static_argnames='pass_index')
+             for name in layers}
+  states = {name: selectors[name].init() for name in layers}
+  keep = min(top_images, len(data))
+  top = {name: (jnp.full((num_units[name], keep), -jnp.inf),
+                jnp.full((num_units[name], keep), -1, jnp.int32)) for name in layers}
+  num_passes = selectors[layers[0]].num_passes + 1
+
+  def image_batches(description, with_labels):
+    progress = Progress(len(data), description=description) if show_progress else None
+    seg_size = data.segmentation_size() if with_labels else None
+    for batch in data.batches(batch_size=batch_size, image_size=image_size,
+                              categories=categories if with_labels else (),
+                              segmentation_size=seg_size):
+      size = len(batch['index'])
+      valid = np.arange(batch_size) < size
+      images = _pad(batch['image'], batch_size)
+      rows = _pad(batch['index'].astype(np.int32), batch_size)
+      labels = (tuple(_pad(x, batch_size) for x in stacked_labels(
+          batch, categories, segmentation_size=seg_size)) if with_labels else None)
+      yield forward(variables, images), rows, valid, labels
+      if progress:
+        progress.update(size)
+    if progress:
+      progress.close()
+
+  for pass_index in range(num_passes - 1):
+    description = f'dissect pass {pass_index + 1}/{num_passes} (thresholds)'
+    for activations, rows, valid, _ in image_batches(description, with_labels=False):
+      for name in layers:
+        values = activations[name]
+        position_valid = jnp.repeat(valid, int(np.prod(map_sizes[name])))
+        states[name] = updates[name](states[name], values.reshape(-1, num_units[name]),
+                                     position_valid, pass_index=pass_index)
+        if pass_index == 0:
+          top[name] = _merge_top_images(*top[name], values, rows, valid, k=keep)
+    for name in layers:
+      states[name] = selectors[name].advance(states[name], pass_index=pass_index)
+  thresholds = {name: selectors[name].thresholds(states[name]) for name in layers}
+
+  onehot = jnp.asarray(tally_lib.category_onehot(
+      data.primary_category_index(categories), len(categories)))
+  seg_h, seg_w = data.segmentation_size()
+  steps = {name: tally_lib.images_per_step(
+      batch_size=batch_size, pixels=seg_h * seg_w, num_units=num_units[name],
+      num_labels=data.num_labels) for name in layers}
+  tally_fns = {name: jax.jit(functools.partial(
+      tally_lib.tally_batch, category_onehot=onehot, images_per_step=steps[name]))
+      for name in layers}
+  totals = {name: tally_lib.TallyCounts.zeros(
+      num_units=num_units[name], num_labels=data.num_labels, num_categories=len(categories))
+      for name in layers}
+  pending = None  # read a batch's counts back only after the next batch is dispatched
+  description = f'dissect pass {num_passes}/{num_passes} (IoU tally)'
+  for activations, _, valid, (pixel, image) in image_batches(description, with_labels=True):
+    dispatched = {name: tally_fns[name](activations[name], thresholds[name], pixel, image, valid)
+                  for name in layers}
+    if pending is not None:
+      totals = {name: totals[name] + tally_lib.TallyCounts(*jax.device_get(pending[name]))
+                for name in layers}
+    pending = dispatched
+  totals = {name: totals[name] + tally_lib.TallyCounts(*jax.device_get(pending[name]))
+            for name in layers}
+
+  return {name: LayerDissection(
+      thresholds=thresholds[name],
+      threshold_error_bound=selectors[name].approximation_bound(states[name]),
+      counts=totals[name], top_indices=np.asarray(top[name][1]),
+      top_values=np.asarray(top[name][0]), map_size=map_sizes[name]) for name in layers}
+
+
+def top_image_maps(forward: Callable, variables, data: broden_lib.Broden, *, layer: str,
+                   top_indices: np.ndarray, image_size: int, batch_size: int):
+  """Re-runs the model on each unit's top images.
+
+  Returns:
+    images: uint8 [M, S, S, 3] the distinct top images, `rows` int [M] their probe rows;
+    maps: float32 [C, k, h, w] unit c's map on its j-th top image.
+  """
+  rows = np.unique(top_indices[top_indices >= 0])
+  position = {row: i for i, row in enumerate(rows)}
+  images = np.stack([data.load_image(int(row), (image_size, image_size)) for row in rows])
+  per_image = []
+  for start in range(0, len(rows), batch_size):
+    chunk = images[start:start + batch_size]
+    per_image.append(np.asarray(forward(variables, _pad(chunk, batch_size))[layer])[:len(chunk)])
+  per_image = np.concatenate(per_image)  # [M, h, w, C]
+  num_units, k = top_indices.shape
+  maps = np.zeros((num_units, k) + per_image.shape[1:3], np.float32)
+  for unit in range(num_units):
+    for j, row in enumerate(top_indices[unit]):
+      if row >= 0:
+        maps[unit, j] = per_image[position[row], :, :, unit]
+  return images, rows, maps

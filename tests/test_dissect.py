@@ -1,0 +1,254 @@
+"""End-to-end dissection with a fake model whose units are known functions of the image.
+
+MaskNet's conv1 is a 1×1 identity conv (unit 0 = the red channel, unit 1 = the green channel,
+unit 2 = blue), conv2 a 2×2 stride-2 average ×0.5 + 3 (a different resolution and different
+thresholds). The probe images put R = 255 exactly on the 'red' concept and uniform noise in G.
+"""
+import csv
+import json
+import os
+import runpy
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from cgl_jax.data import broden
+from cgl_jax import dissect as dissect_lib
+from cgl_jax.dissect import probe, reference, tally
+from cgl_jax.models import layers as model_layers
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUANTILE = 0.02
+NUM_IMAGES, SIZE = 8, 16
+CONCEPTS = [('red', 'colour'), ('green', 'colour'), ('square', 'shape'), ('disk', 'shape'),
+            ('indoor', 'scene')]
+
+
+class MaskNet(nn.Module):
+  """Two sown 'convs' following the cgl_jax.models contract."""
+
+  def conv_layers(self):
+    return (model_layers.ConvLayer.create('conv1', features=3, batch_norm=False),
+            model_layers.ConvLayer.create('conv2', features=3, batch_norm=False))
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = model_layers.SownConv(3, kernel_size=1, name='conv1')(x, train=train)
+    x = model_layers.SownConv(3, kernel_size=2, strides=2, name='conv2')(x, train=train)
+    return jnp.mean(x, axis=(1, 2))
+
+
+def mask_net_variables():
+  return {'params': {
+      'conv1': {'kernel': jnp.eye(3).reshape(1, 1, 3, 3), 'bias': jnp.zeros(3)},
+      'conv2': {'kernel': jnp.broadcast_to(jnp.eye(3) * 0.125, (2, 2, 3, 3)),
+                'bias': jnp.full(3, 3.0)}}}
+
+
+def make_probe_set(directory):
+  rng = np.random.default_rng(0)
+  images = np.zeros((NUM_IMAGES, SIZE, SIZE, 3), np.uint8)
+  images[..., 1] = rng.integers(0, 256, (NUM_IMAGES, SIZE, SIZE))  # noise in green
+  colour = np.zeros((NUM_IMAGES, SIZE, SIZE), np.int32)
+  shape = np.zeros((NUM_IMAGES, SIZE, SIZE), np.int32)
+  for i in (1, 5):  # a red 4×4 square (32 px in all: under the top 2% of 2,048 positions)
+    colour[i, 4:8, 8:12] = 1
+    shape[i, 4:8, 8:12] = 3
+    images[i, 4:8, 8:12, 0] = 255
+  for i in range(NUM_IMAGES):  # a large green disk elsewhere in every image
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    disk = (yy - 11) ** 2 + (xx - 5) ** 2 <= 12
+    colour[i][disk] = 2
+    shape[i][disk] = 4
+  scene = [[5] if i % 2 else [] for i in range(NUM_IMAGES)]
+  return broden.write_broden(directory, images=images, concepts=CONCEPTS,
+                             pixel_labels={'colour': colour, 'shape': shape},
+                             image_labels={'scene': scene})
+
+
+@pytest.fixture(scope='module')
+def dissected(tmp_path_factory):
+  root = tmp_path_factory.mktemp('dissect')
+  data = broden.Broden(make_probe_set(str(root / 'probe')))
+  outdir = dissect_lib.dissect(
+      MaskNet(), mask_net_variables(), data, outdir=str(root / 'out' / 'step_7'), step=7,
+      layers=('conv2', 'conv1'), mean=(0, 0, 0), std=(1, 1, 1), quantile=QUANTILE,
+      iou_thresholds=(0.04, 0.08), batch_size=3, image_size=SIZE, top_images=4, num_groups=3,
+      show_progress=False)
+  return data, outdir
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_mask_unit_has_iou_one_and_noise_unit_is_no_detector(dissected):
+  _, outdir = dissected
+  rows = {int(r['unit']): r for r in _read_csv(os.path.join(outdir, 'conv1', 'tally.csv'))}
+  assert rows[1]['label'] == 'red' and rows[1]['category'] == 'colour'
+  assert float(rows[1]['score']) == pytest.approx(1.0, abs=1e-9)
+  assert rows[1]['colour-truth'] == rows[1]['colour-intersect'] == '32'
+  assert float(rows[2]['score']) < 0.04  # green noise: its top 2% hits no concept well
+  assert float(rows[3]['score']) == 0  # constant blue channel: never above its threshold
+  summary = json.load(open(os.path.join(outdir, 'conv1', 'summary.json')))
+  assert summary['detectors'][0]['detectors_per_concept'] == {'red': 1}
+  assert summary['detectors'][0]['unique_detectors_per_category'] == {
+      'colour': 1, 'shape': 0, 'scene': 0}
+
+
+def test_each_layer_has_its_own_thresholds_and_tally(dissected):
+  """Thresholds = numpy.quantile of the layer's own activations; counts = the NumPy reference
+  tally run on that layer's activations with those thresholds."""
+  data, outdir = dissected
+  images = next(data.batches(batch_size=NUM_IMAGES))['image'].astype(np.float32)
+  _, state = MaskNet().apply(mask_net_variables(), images, train=False,
+                             mutable=['intermediates'])
+  onehot = tally.category_onehot(data.primary_category_index(), len(data.categories))
+  batch = next(data.batches(batch_size=NUM_IMAGES))
+  pixel, image_ids = probe.stacked_labels(batch, data.categories,
+                                          segmentation_size=(SIZE, SIZE))
+  thresholds = {}
+  for name in ('conv1', 'conv2'):
+    acts = np.asarray(state['intermediates'][name]['pre_activation'][0])
+    expected = np.quantile(acts.reshape(-1, 3), 1 - QUANTILE, axis=0).astype(np.float32)
+    summary = json.load(open(os.path.join(outdir, name, 'summary.json')))
+    np.testing.assert_array_equal(np.float32(summary['thresholds']), expected)
+    thresholds[name] = expected
+    counts = reference.tally(np.moveaxis(acts, 3, 1), expected, zip(pixel, image_ids),
+                             category_onehot=onehot)
+    iou = tally.iou(counts, data.primary_category_index())
+    rows = {int(r['unit']): r for r in _read_csv(os.path.join(outdir, name, 'tally.csv'))}
+    for unit in range(3):
+      for g, category in enumerate(data.categories):
+        members = np.flatnonzero(data.primary_category_index() == g)
+        best = members[np.argmax(iou[unit, members])]
+        row = rows[unit + 1]
+        assert int(row[f'{category}-intersect']) == counts.both[unit, best]
+        assert int(row[f'{category}-activation']) == counts.units_cat[unit, g]
+        assert float(row[f'{category}-iou']) == pytest.approx(iou[unit, best], rel=1e-12)
+  assert not np.array_equal(thresholds['conv1'], thresholds['conv2'])
+  # conv2 smears the 4×4 red square over 6×6 after upsampling: a detector, not a perfect one.
+  conv2 = {int(r['unit']): r for r in _read_csv(os.path.join(outdir, 'conv2', 'tally.csv'))}
+  assert conv2[1]['label'] == 'red' and 0.3 < float(conv2[1]['score']) < 0.9
+
+
+def test_outputs_layout_and_reference_columns(dissected):
+  data, outdir = dissected
+  for name in ('conv1', 'conv2'):
+    for file in ('tally.csv', 'summary.json', 'detectors.png', 'detectors.svg'):
+      assert os.path.isfile(os.path.join(outdir, name, file)), file
+    with open(os.path.join(outdir, name, 'tally.csv')) as f:
+      header = next(csv.reader(f))
+    assert header[:4] == ['unit', 'category', 'label', 'score']
+    assert header[4:9] == ['colour-label', 'colour-truth', 'colour-activation',
+                           'colour-intersect', 'colour-iou']
+    assert len(header) == 4 + 5 * len(data.categories)
+    strip = np.asarray(Image.open(os.path.join(outdir, name, 'units', 'unit_0001.png')))
+    assert strip.shape == (SIZE, 4 * SIZE + 3 * 2, 3)
+  summary = json.load(open(os.path.join(outdir, 'summary.json')))
+  assert summary['step'] == 7 and list(summary['layers']) == ['conv1', 'conv2']
+  assert [entry['iou_threshold'] for entry in summary['rud']] == [0.04, 0.08]
+  first = summary['rud'][0]
+  assert first['layers'] == ['conv1', 'conv2'] and first['units'] == 6
+  assert first['rud'] == first['unique_detectors'] / 6
+  groups = _read_csv(os.path.join(outdir, 'concept_groups.csv'))
+  assert [(g['layer'], g['group'], g['concept']) for g in groups][:1] == [('conv1', '1', 'red')]
+  # β_g = ‖W_g‖_F of a one-unit group of conv1's identity kernel = 1.
+  assert float(groups[0]['relevance']) == pytest.approx(1.0)
+  assert not [f for f in os.listdir(os.path.dirname(outdir)) if f.startswith('.')]
+
+
+def test_top_images_are_those_with_the_largest_maxima(dissected):
+  data, outdir = dissected
+  strip = np.asarray(Image.open(os.path.join(outdir, 'conv1', 'units', 'unit_0001.png')))
+  # Unit 1 (red) peaks at images 1 and 5 (ties: the earlier image first): the red square is
+  # kept as is, its border drawn in yellow, the rest dimmed to a quarter.
+  first, second, image = strip[:, :SIZE], strip[:, SIZE + 2:2 * SIZE + 2], data.load_image(1)
+  np.testing.assert_array_equal(first[5:7, 9:11], image[5:7, 9:11])
+  assert tuple(first[4, 8]) == (255, 220, 0)
+  np.testing.assert_array_equal(first[12:, :4], (image[12:, :4] * 0.25).astype(np.uint8))
+  np.testing.assert_array_equal(second[5:7, 9:11], data.load_image(5)[5:7, 9:11])
+
+
+def test_html_report_is_self_contained_and_sortable(dissected):
+  _, outdir = dissected
+  page = open(os.path.join(outdir, 'report.html')).read()
+  assert 'http://' not in page and 'https://' not in page
+  assert 'class="sortable"' in page and 'addEventListener' in page
+  for link in ('conv1/tally.csv', 'conv2/detectors.png', 'conv1/units/unit_0001.png',
+               'concept_groups.png'):
+    assert f'"{link}"' in page
+    assert os.path.isfile(os.path.join(outdir, link))
+
+
+@pytest.mark.skipif(not os.path.exists('/usr/bin/chromium'),
+                    reason='headless Chromium (Debian package chromium) is not installed')
+def test_html_report_renders_in_headless_chromium(dissected, tmp_path):
+  _, outdir = dissected
+  screenshot = tmp_path / 'report.png'
+  subprocess.run(
+      ['/usr/bin/chromium', '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+       '--no-first-run', '--disable-background-networking', '--disable-component-update',
+       '--disable-sync', f'--user-data-dir={tmp_path / "profile"}',
+       f'--screenshot={screenshot}', '--window-size=1200,900',
+       'file://' + os.path.join(outdir, 'report.html')],
+      check=True, capture_output=True, timeout=120)
+  pixels = np.asarray(Image.open(screenshot).convert('L'), np.float32)
+  assert pixels.shape == (900, 1200)
+  assert pixels.std() > 10  # text, tables and graphs, not a blank page
+
+
+def test_rerun_replaces_the_step_folder_atomically(dissected, tmp_path):
+  data, outdir = dissected
+  target = str(tmp_path / 'step_1')
+  os.makedirs(target)
+  open(os.path.join(target, 'stale.txt'), 'w').write('old')
+  with pytest.raises(ValueError, match=r"\['conv9'\] are not conv layers of MaskNet"):
+    dissect_lib.dissect(MaskNet(), mask_net_variables(), data, outdir=target, step=1,
+                        layers=('conv9',), mean=(0, 0, 0), std=(1, 1, 1), image_size=SIZE,
+                        show_progress=False)
+  assert os.listdir(target) == ['stale.txt'] and os.listdir(tmp_path) == ['step_1']
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(iou_thresholds=()), 'iou_thresholds must be non-empty'),
+    (dict(batch_size=0), 'config.dissect.batch_size must be a positive integer, got 0'),
+    (dict(layers=()), 'config.dissect.layers is empty'),
+])
+def test_bad_settings_are_named(dissected, tmp_path, kwargs, message):
+  data, _ = dissected
+  arguments = dict(layers=('conv1',), mean=(0, 0, 0), std=(1, 1, 1), image_size=SIZE,
+                   show_progress=False) | kwargs
+  with pytest.raises(ValueError, match=message):
+    dissect_lib.dissect(MaskNet(), mask_net_variables(), data, outdir=str(tmp_path / 'x'),
+                        step=0, **arguments)
+
+
+def test_run_reads_the_config_and_restores_the_checkpoint(dissected, tmp_path, monkeypatch):
+  """run(config, workdir) wiring: checkpoint restore, normalisation, Broden dir, step folder."""
+  data, _ = dissected
+  from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config = runpy.run_path(os.path.join(REPO_ROOT, 'configs', 'default.py'))['get_config']()
+  config.dissect.broden_dir = data.directory
+  config.dissect.layers = ('conv1',)
+  config.dissect.quantile = QUANTILE
+  config.dissect.batch_size = 4
+  config.dissect.top_images = 2
+  config.dataset.image_size = SIZE
+  config.dataset.mean = (0.0, 0.0, 0.0)
+  config.dataset.std = (2.0, 2.0, 2.0)  # halves the activations: same masks, same labels
+  config.cgl.num_groups = 1
+  restored = []
+  monkeypatch.setattr(checkpoints, 'restore_model',
+                      lambda cfg, workdir, step=None: restored.append(step) or (
+                          MaskNet(), mask_net_variables(), 42))
+  outdir = dissect_lib.run(config, str(tmp_path))
+  assert restored == [None] and outdir == str(tmp_path / 'dissect' / 'step_42')
+  rows = _read_csv(os.path.join(outdir, 'conv1', 'tally.csv'))
+  assert rows[0]['unit'] == '1' and rows[0]['label'] == 'red'
