@@ -34,6 +34,7 @@ the data_dir and the command that prepares it. `cgl_shapes/*` is generated local
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import textwrap
@@ -57,14 +58,16 @@ LOCAL_DATASET_PREFIX = 'cgl_shapes'  # generated locally, never downloaded
 _SHUFFLE_SALT, _AUGMENT_SALT = 1, 2
 
 
+@functools.cache
 def _tf():
-  """TensorFlow, imported lazily and kept off the accelerators (JAX owns their memory)."""
+  """TensorFlow, imported on first use (dissection needs only `normalization`) and kept off the
+  accelerators: JAX owns their memory."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
-  except (RuntimeError, ValueError):  # already initialised, or no such device type
-    pass
+  for device_type in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], device_type)
+    except (RuntimeError, ValueError):  # TF already initialised, or no such device type
+      pass
   return tf
 
 
@@ -84,12 +87,8 @@ def normalization(dataset_config) -> tuple[np.ndarray, np.ndarray]:
   return mean, std
 
 
-def _data_dir_description(builder) -> str:
-  return str(builder.data_dir_root)
-
-
 def _missing_dataset_message(name: str, builder) -> str:
-  root = _data_dir_description(builder)
+  root = str(builder.data_dir_root)
   message = (f"Dataset '{name}' is not prepared in data_dir '{root}' (no {builder.data_dir}). "
              'Nothing is downloaded unless config.dataset.download=True. ')
   manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
@@ -297,9 +296,8 @@ def create_split(dataset_config, *, split: str, train: bool, batch_size: int, se
   shard = tfds.even_splits(split, n=process_count, drop_remainder=train)[process_index]
   source = _read(builder, shard).map(lambda ex: {'image': ex['image'], 'label': ex['label']})
   mean, std = normalization(dataset_config)
-  preprocess = lambda image, seed: _preprocess(  # noqa: E731
-      image, seed, augment=dataset_config.augment, train=train,
-      image_size=dataset_config.image_size, mean=mean, std=std)
+  preprocess = functools.partial(_preprocess, augment=dataset_config.augment, train=train,
+                                 image_size=dataset_config.image_size, mean=mean, std=std)
   if train:
     ds = _train_stream(source, local_batch=local_batch, start_step=start_step,
                        shuffle_buffer=dataset_config.shuffle_buffer,

@@ -29,7 +29,7 @@ def _resnet_maps(stem_side, stage_sides):
   maps = [('stem', stem_side)]
   for stage, side in enumerate(stage_sides, start=1):
     for block in (0, 1):
-      maps += [(f'layer{stage}_block{block}_conv1', side), (f'layer{stage}_block{block}_conv2', side)]
+      maps += [(f'layer{stage}_block{block}_conv{index}', side) for index in (1, 2)]
       if stage > 1 and block == 0:
         maps.append((f'layer{stage}_block0_shortcut', side))
   return tuple(maps)
@@ -179,7 +179,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(built):
 
 
 def test_shapes_cnn_matches_a_numpy_reference():
-  """conv1 = correlation of the zero-padded input with the kernel + bias; conv2 on its pooled ReLU."""
+  """conv1 = correlation of the zero-padded input with kernel + bias; conv2 on its pooled ReLU."""
   model = models.create('shapes_cnn', num_classes=3, widths=(4, 5))
   images = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), np.float64)
   variables = model.init(jax.random.key(1), images, train=False)
