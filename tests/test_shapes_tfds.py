@@ -1,5 +1,6 @@
 """Tests of the tfds builder `cgl_shapes` (cgl_jax/data/shapes_tfds.py)."""
 import hashlib
+import itertools
 
 import numpy as np
 import pytest
@@ -96,3 +97,21 @@ def test_config_rejects_bad_values():
     shapes_tfds.CglShapesConfig(name='x', setting='ten')
   with pytest.raises(ValueError, match='images_per_class must be an integer >= 2'):
     shapes_tfds.CglShapesConfig(name='x', images_per_class=1)
+
+
+def test_input_pipeline_serves_the_generator_images_and_labels(data_dir):
+  from cgl_jax import input_pipeline
+  from configs import default
+  config = default.get_config().dataset
+  config.update(dict(name='cgl_shapes/binary_tiny', data_dir=data_dir, augment='none',
+                     image_size=64, shuffle_buffer=64))
+  batches = list(itertools.islice(input_pipeline.create_split(
+      config, split='train', train=True, batch_size=8, seed=0), 3))
+  expected = shapes.generate('train', setting='binary', seed=0, images_per_class=10)
+  label_of = {image.tobytes(): label for image, label in zip(expected.images, expected.labels)}
+  mean, std = input_pipeline.normalization(config)
+  for batch in batches:
+    assert batch['image'].shape == (8, 64, 64, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+    raw = np.round(batch['image'] * std + mean).astype(np.uint8)
+    assert [label_of[image.tobytes()] for image in raw] == list(batch['label'])
