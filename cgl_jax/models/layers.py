@@ -150,7 +150,8 @@ def classifier_head(x: jax.Array, *, hidden: Sequence[int], num_classes: int,
 
   `dropout_first=True` is torchvision's AlexNet order (dropout before each hidden dense);
   `False` is VGG's (dropout after each hidden ReLU). Dropout needs `rngs={'dropout': key}`
-  when `train`. Dense layers are named fc1, fc2, …, the last one `head`.
+  when `train`. Call it from inside the model's compact method: the Dense layers become
+  children of the model, named fc1, fc2, …, the last one `head`.
   """
   x = x.reshape((x.shape[0], -1))
   for index, features in enumerate(hidden, start=1):
