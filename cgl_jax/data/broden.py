@@ -21,6 +21,7 @@ batches of resized images with their label maps at the segmentation resolution.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import csv
 import dataclasses
 import os
@@ -409,6 +410,12 @@ class Broden:
 
   def __len__(self) -> int:
     return len(self.rows)
+
+  def head(self, count: int) -> 'Broden':
+    """A view of the first `count` images (same labels and files), e.g. for quick probes."""
+    view = copy.copy(self)
+    view.rows = self.rows[:count]
+    return view
 
   @property
   def num_labels(self) -> int:

@@ -88,8 +88,15 @@ def make_forward(model, *, layers: Sequence[str], mean: Sequence[float],
                  std: Sequence[float]) -> Callable:
   """jit(variables, uint8 images [b, H, W, 3]) → {layer: float32 [b, h, w, C] pre-activations}.
 
-  Images are normalised as in training: (x − mean) / std on the 0–255 scale.
+  Images are normalised as in training: (x − mean) / std on the 0–255 scale. Cached per
+  (model, layers, mean, std), so repeated dissections reuse the compiled function.
   """
+  return _cached_forward(model, tuple(layers), tuple(float(m) for m in np.ravel(mean)),
+                         tuple(float(s) for s in np.ravel(std)))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_forward(model, layers, mean, std) -> Callable:
   available = [layer.name for layer in model.conv_layers()]
   unknown = [name for name in layers if name not in available]
   if unknown:
@@ -128,6 +135,18 @@ def stacked_labels(batch: Mapping[str, Any], categories: Sequence[str], *,
            else np.zeros((size, 1, *segmentation_size), np.int32))
   image = np.concatenate(image, axis=1) if image else np.zeros((size, 1), np.int32)
   return pixel.astype(np.int32), image.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('selector', 'pass_index'))
+def _quantile_update(selector, state, activations, valid, *, pass_index):
+  """One layer's radix-selection update with a batch of maps [b, h, w, C] (padded rows off)."""
+  batch, height, width, units = activations.shape
+  position_valid = jnp.repeat(valid, height * width)
+  return selector.update(state, activations.reshape(-1, units), position_valid,
+                         pass_index=pass_index)
+
+
+_tally_batch = jax.jit(tally_lib.tally_batch, static_argnames='images_per_step')
 
 
 @functools.partial(jax.jit, static_argnames='k')
@@ -174,8 +193,6 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   selectors = {name: quantile_lib.TopQuantile(
       num_units=num_units[name], num_values=len(data) * int(np.prod(map_sizes[name])),
       quantile=quantile, exact=exact_quantile) for name in layers}
-  updates = {name: jax.jit(selectors[name].update, static_argnames='pass_index')
-             for name in layers}
   states = {name: selectors[name].init() for name in layers}
   keep = min(top_images, len(data))
   top = {name: (jnp.full((num_units[name], keep), -jnp.inf),
@@ -204,12 +221,10 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
     description = f'dissect pass {pass_index + 1}/{num_passes} (thresholds)'
     for activations, rows, valid, _ in image_batches(description, with_labels=False):
       for name in layers:
-        values = activations[name]
-        position_valid = jnp.repeat(valid, int(np.prod(map_sizes[name])))
-        states[name] = updates[name](states[name], values.reshape(-1, num_units[name]),
-                                     position_valid, pass_index=pass_index)
+        states[name] = _quantile_update(selectors[name], states[name], activations[name], valid,
+                                        pass_index=pass_index)
         if pass_index == 0:
-          top[name] = _merge_top_images(*top[name], values, rows, valid, k=keep)
+          top[name] = _merge_top_images(*top[name], activations[name], rows, valid, k=keep)
     for name in layers:
       states[name] = selectors[name].advance(states[name], pass_index=pass_index)
   thresholds = {name: selectors[name].thresholds(states[name]) for name in layers}
@@ -220,16 +235,14 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   steps = {name: tally_lib.images_per_step(
       batch_size=batch_size, pixels=seg_h * seg_w, num_units=num_units[name],
       num_labels=data.num_labels) for name in layers}
-  tally_fns = {name: jax.jit(functools.partial(
-      tally_lib.tally_batch, category_onehot=onehot, images_per_step=steps[name]))
-      for name in layers}
   totals = {name: tally_lib.TallyCounts.zeros(
       num_units=num_units[name], num_labels=data.num_labels, num_categories=len(categories))
       for name in layers}
   pending = None  # read a batch's counts back only after the next batch is dispatched
   description = f'dissect pass {num_passes}/{num_passes} (IoU tally)'
   for activations, _, valid, (pixel, image) in image_batches(description, with_labels=True):
-    dispatched = {name: tally_fns[name](activations[name], thresholds[name], pixel, image, valid)
+    dispatched = {name: _tally_batch(activations[name], thresholds[name], pixel, image, valid,
+                                     category_onehot=onehot, images_per_step=steps[name])
                   for name in layers}
     if pending is not None:
       totals = {name: totals[name] + tally_lib.TallyCounts(*jax.device_get(pending[name]))

@@ -153,16 +153,17 @@ class TopQuantile:
     bits = self.bits_per_pass[pass_index]
     digit = ((keys >> (32 - consumed - bits)) & ((1 << bits) - 1)).astype(jnp.int32)
     if consumed == 0:
-      in_block, above = jnp.broadcast_to(valid, keys.shape), jnp.zeros(keys.shape, bool)
+      in_block = jnp.broadcast_to(valid, keys.shape)
     else:
       high = keys >> (32 - consumed)
       in_block = (high == state.prefix) & valid
-      above = (high > state.prefix) & valid
     flat_bin = digit + jnp.arange(self.num_units, dtype=jnp.int32) * (1 << bits)
     hist = state.hist.reshape(-1).at[flat_bin.reshape(-1)].add(
         in_block.reshape(-1).astype(jnp.int32)).reshape(state.hist.shape)
-    min_above = jnp.minimum(state.min_above,
-                            jnp.min(jnp.where(above, keys, _KEY_MAX), axis=0))
+    min_above = state.min_above
+    if consumed and pass_index + 1 == self.num_passes:  # only the last pass needs x_(k+1)
+      above = (high > state.prefix) & valid
+      min_above = jnp.minimum(min_above, jnp.min(jnp.where(above, keys, _KEY_MAX), axis=0))
     return state._replace(hist=hist, min_above=min_above)
 
   def advance(self, state: SelectionState, *, pass_index: int) -> SelectionState:

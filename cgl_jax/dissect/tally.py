@@ -13,9 +13,10 @@ size), the activation mask is M_ik = A_ik > T_k. Over the whole probe set the re
 and IoU_kc = both[k, c] / (units_cat[k, g(c)] + labels[c] − both[k, c] + 1e-10) with g(c) the
 label's primary category. Label id 0 means "no label" and is never counted.
 
-Upsampling: `jax.image.resize(..., 'linear')` samples at half-pixel centres and clamps at the
-borders, which for upsampling is exactly PIL's BILINEAR filter, i.e. the reference's
-``scipy.misc.imresize(feature_map, (sh, sw), mode='F')`` (tests compare with PIL).
+Upsampling: PIL's BILINEAR filter written as two interpolation matrices (`bilinear_matrix`):
+half-pixel centres, clamped borders, i.e. the reference's ``scipy.misc.imresize(feature_map,
+(sh, sw), mode='F')`` (tests compare with PIL; it equals `jax.image.resize(..., 'linear')` when
+upsampling).
 """
 from __future__ import annotations
 
@@ -57,22 +58,54 @@ def category_onehot(primary_category: np.ndarray, num_categories: int) -> np.nda
   return onehot
 
 
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """float32 [out, in]: PIL's BILINEAR resampling along one axis as a matrix.
+
+  Output pixel x samples the input at centre c = (x + ½)·s (s = in/out) with the triangle filter
+  of support max(s, 1) (so downsampling averages, antialiased), weights normalised to sum to 1 —
+  PIL's ImagingResample, which the reference reaches through scipy.misc.imresize(mode='F'). For
+  upsampling this is plain half-pixel-centre linear interpolation with clamped borders.
+  """
+  scale = in_size / out_size
+  support = max(scale, 1.0)
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for x in range(out_size):
+    centre = (x + 0.5) * scale
+    first = max(int(centre - support + 0.5), 0)
+    last = min(int(centre + support + 0.5), in_size)
+    taps = np.arange(first, last)
+    weights = np.maximum(0.0, 1.0 - np.abs((taps - centre + 0.5) / support))
+    matrix[x, taps] = weights / weights.sum()
+  return matrix.astype(np.float32)
+
+
 def upsample(activations: jax.Array, size: Sequence[int]) -> jax.Array:
-  """Bilinear resize of [b, h, w, C] maps to [b, sh, sw, C] (half-pixel centres, float32)."""
+  """Bilinear resize of [b, h, w, C] maps to [b, sh, sw, C] (float32), as PIL does it.
+
+  Two small matmuls with `bilinear_matrix` (separable filter): much faster on CPU than
+  `jax.image.resize`, and the same as the reference also when downsampling.
+  """
   activations = activations.astype(jnp.float32)
-  if tuple(activations.shape[1:3]) == tuple(size):
+  _, height, width, _ = activations.shape
+  if (height, width) == tuple(size):
     return activations
-  return jax.image.resize(activations, (activations.shape[0], *size, activations.shape[3]),
-                          method='linear')
+  rows = jnp.asarray(bilinear_matrix(height, size[0]))
+  cols = jnp.asarray(bilinear_matrix(width, size[1]))
+  resized = jnp.einsum('ah,bhwc->bawc', rows, activations, precision=_HIGHEST)
+  return jnp.einsum('gw,bawc->bagc', cols, resized, precision=_HIGHEST)
 
 
 def images_per_step(*, batch_size: int, pixels: int, num_units: int, num_labels: int,
-                    budget_bytes: int = 1 << 28) -> int:
+                    budget_bytes: int | None = None) -> int:
   """Largest divisor of `batch_size` whose per-step float32 temporaries fit `budget_bytes`.
 
   One step holds masks [c, P, C], label one-hots [c, P, L] and per-image intersections
-  [c, C, L]; with Broden's 1,198 labels a whole batch would not fit, with 16 it does.
+  [c, C, L]; with Broden's 1,198 labels a whole batch would not fit. The default budget is
+  256 MiB on accelerators and 8 MiB on CPU, where steps that stay in cache are fastest
+  (measured: 4–8 shapes images per step run 2.5× faster than 64).
   """
+  if budget_bytes is None:
+    budget_bytes = 1 << 23 if jax.default_backend() == 'cpu' else 1 << 28
   per_image = 4 * (pixels * (num_units + num_labels) + num_units * num_labels)
   fitting = max(1, budget_bytes // max(per_image, 1))
   return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fitting)
