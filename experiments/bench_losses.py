@@ -1,0 +1,204 @@
+r"""Benchmark: value-and-grad of L_g + L_s, ours ('sampled', 'exact') vs a loop port.
+
+Times, in one run and on one device, ``jax.jit(jax.value_and_grad(L_g + L_s))``
+on soft masks ψ of shape [B, H, W, C] (default [256, 13, 13, 256], G = 5: AlexNet
+conv5, per-sample reduction) for three implementations of L_g:
+
+  sampled  cgl_jax.losses.group_coherence(pairs='sampled'): r = 3·f pairs,
+           all groups and pairs in one gather.
+  exact    cgl_jax.losses.group_coherence(pairs='exact'): all f·(f−1) pairs,
+           a scan over filter shifts.
+  loop     A straightforward port of the authors' approach (PyTorch loop): a
+           Python loop over groups and over the r = 3·f sampled pairs, each
+           pair's two maps gathered as separate [B, H, W] tensors. It is jitted
+           too (the loops unroll into one XLA program).
+
+L_s is cgl_jax.losses.spatial_concentration in all three, so the differences
+come from L_g. Every variant gets fresh pairs each step (PRNG key folded with
+the step); 'loop' and 'sampled' use the same pairs and must agree in value.
+Compilation (and one warm-up call) is timed separately from the repeats; the
+table reports the median over repeats and the ratios to 'sampled'.
+
+  python3 experiments/bench_losses.py                     # full size
+  python3 experiments/bench_losses.py --quick             # small shapes, seconds
+  python3 experiments/bench_losses.py --json /tmp/bench.json --repeats 20
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from cgl_jax import losses
+
+
+# ----------------------------------------------------------------------------
+# The authors' approach, ported literally (for comparison only).
+# ----------------------------------------------------------------------------
+
+
+def loop_port_group_coherence(psi, num_groups, pair_indices):
+  """L_g per group as the authors' PyTorch code computes it: loops over groups and pairs.
+
+  NOT the library implementation. For each group g and each sampled pair
+  (i, j) (the same pairs for every group), gather the two maps
+  ψ[..., g·f + i] and ψ[..., g·f + j] as separate [B, H, W] tensors, compute
+  the per-image soft Jaccard distance over H×W, average over images; the
+  group's value is the mean over pairs. Returns [G].
+  """
+  group_size = psi.shape[-1] // num_groups
+  values = []
+  for g in range(num_groups):  # Python loop over groups (unrolled under jit)
+    group = psi[..., g * group_size:(g + 1) * group_size]
+    total = 0.0
+    for t in range(pair_indices.shape[0]):  # Python loop over pairs
+      p = group[..., pair_indices[t, 0]]  # [B, H, W]
+      q = group[..., pair_indices[t, 1]]
+      diff = jnp.sum(jnp.abs(p - q), axis=(1, 2))
+      distance = 2 * diff / (jnp.sum(jnp.abs(p), axis=(1, 2))
+                             + jnp.sum(jnp.abs(q), axis=(1, 2)) + diff)
+      total = total + jnp.mean(distance)
+    values.append(total / pair_indices.shape[0])
+  return jnp.stack(values)
+
+
+# ----------------------------------------------------------------------------
+# The three objectives.
+# ----------------------------------------------------------------------------
+
+
+def make_objectives(num_groups):
+  """name → loss(psi, key) = L_g + L_s of one layer."""
+
+  def sampled(psi, key):
+    return (losses.group_coherence(psi, num_groups, pairs='sampled', key=key).sum()
+            + losses.spatial_concentration(psi))
+
+  def exact(psi, key):
+    del key  # all pairs
+    return losses.group_coherence(psi, num_groups, pairs='exact').sum() + (
+        losses.spatial_concentration(psi))
+
+  def loop(psi, key):
+    group_size = psi.shape[-1] // num_groups
+    # Same sampler and key as 'sampled', so both see the same pairs.
+    pairs = losses.sample_pairs(key, group_size, 3 * group_size)
+    return (loop_port_group_coherence(psi, num_groups, pairs).sum()
+            + losses.spatial_concentration(psi))
+
+  return {'sampled': sampled, 'exact': exact, 'loop': loop}
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+# ----------------------------------------------------------------------------
+
+
+def time_variant(name, objective, psi, key, *, repeats):
+  """Compiles value-and-grad, warms up once, then times `repeats` calls."""
+  step = jax.jit(jax.value_and_grad(objective))
+  start = time.perf_counter()
+  compiled = step.lower(psi, key).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  value, _ = jax.block_until_ready(compiled(psi, key))  # warm-up, not timed
+  warmup_s = time.perf_counter() - start
+  print(f'  {name:8s} compiled in {compile_s:.1f} s, warm-up call {warmup_s:.2f} s',
+        flush=True)
+  # One updating line on a terminal, one line per repeat in a log.
+  carriage, end = ('\r', '') if sys.stdout.isatty() else ('', '\n')
+  times = []
+  for i in range(repeats):
+    step_key = jax.random.fold_in(key, i + 1)
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(psi, step_key))
+    times.append(time.perf_counter() - start)
+    mean_s = sum(times) / len(times)
+    print(f'{carriage}  {name:8s} repeat {i + 1}/{repeats}: {1 / mean_s:.2f} it/s, '
+          f'ETA {mean_s * (repeats - i - 1):.1f} s', end=end, flush=True)
+  if carriage:
+    print(flush=True)
+  return {'compile_s': compile_s, 'warmup_s': warmup_s,
+          'median_ms': 1e3 * statistics.median(times),
+          'min_ms': 1e3 * min(times), 'times_ms': [1e3 * t for t in times],
+          'value': float(value)}
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=256)
+  parser.add_argument('--size', type=int, default=13, help='feature map height = width')
+  parser.add_argument('--channels', type=int, default=256)
+  parser.add_argument('--groups', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--variants', default='sampled,exact,loop',
+                      help='comma-separated subset of sampled,exact,loop')
+  parser.add_argument('--quick', action='store_true',
+                      help='small shapes ([32, 13, 13, 64], G = 4) for a smoke run')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', metavar='OUT', help='also write the results here')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.batch, args.channels, args.groups = 32, 64, 4
+  variants = args.variants.split(',')
+  unknown = sorted(set(variants) - {'sampled', 'exact', 'loop'})
+  if unknown:
+    parser.error(f'--variants: unknown {unknown}; choose from sampled, exact, loop')
+  if not 2 <= args.channels // max(args.groups, 1) or args.groups < 1:
+    parser.error(f'--groups={args.groups} must be >= 1 and leave >= 2 filters per group '
+                 f'of --channels={args.channels}')
+  if args.repeats < 1:
+    parser.error(f'--repeats must be >= 1; got {args.repeats}')
+  args.variants = variants
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  shape = (args.batch, args.size, args.size, args.channels)
+  group_size = args.channels // args.groups
+  data_key, key = jax.random.split(jax.random.PRNGKey(args.seed))
+  psi = jax.nn.sigmoid(jax.random.normal(data_key, shape, jnp.float32))
+  print(f'value_and_grad(L_g + L_s), psi {list(shape)}, G = {args.groups} '
+        f'(f = {group_size}, sampled pairs r = {3 * group_size}), '
+        f'{args.repeats} repeats on {jax.devices()[0].device_kind} '
+        f'({jax.default_backend()}), jax {jax.__version__}', flush=True)
+
+  objectives = make_objectives(args.groups)
+  results = {}
+  for name in args.variants:
+    results[name] = time_variant(name, objectives[name], psi, key, repeats=args.repeats)
+
+  if 'loop' in results and 'sampled' in results:
+    difference = abs(results['loop']['value'] - results['sampled']['value'])
+    print(f"check: |loop − sampled| value on the same pairs = {difference:.2e}")
+    if difference > 1e-4 * max(1.0, abs(results['sampled']['value'])):
+      print('ERROR: the loop port and the library disagree', file=sys.stderr)
+      return 1
+
+  baseline = results.get('sampled')
+  print(f"\n{'variant':8s} {'compile s':>10s} {'median ms':>10s} {'min ms':>10s} "
+        f"{'/ sampled':>10s}")
+  for name, result in results.items():
+    ratio = f"{result['median_ms'] / baseline['median_ms']:.2f}×" if baseline else '-'
+    print(f"{name:8s} {result['compile_s']:10.1f} {result['median_ms']:10.1f} "
+          f"{result['min_ms']:10.1f} {ratio:>10s}")
+  if baseline:
+    for name in ('loop', 'exact'):
+      if name in results:
+        print(f"{name}/sampled = {results[name]['median_ms'] / baseline['median_ms']:.2f}")
+
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'shape': list(shape), 'groups': args.groups, 'repeats': args.repeats,
+                 'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+                 'jax': jax.__version__, 'results': results}, f, indent=2)
+    print(f'wrote {args.json}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
