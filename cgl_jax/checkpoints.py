@@ -43,8 +43,8 @@ def create_model(config: ml_collections.ConfigDict):
                        dtype=jnp.dtype(config.model.dtype), **kwargs)
 
 
-def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, read_only: bool = False,
+                   asynchronous: bool = True) -> ocp.CheckpointManager:
   """The one `CheckpointManager` of a workdir (the trainer writes, everyone else reads).
 
   Args:
@@ -53,6 +53,8 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1,
     keep_best: number of best steps by `BEST_METRIC` kept in addition (steps saved without
       metrics only count for `keep`).
     read_only: never create, write or delete anything (dissection, evaluation).
+    asynchronous: write in a background thread while training goes on (orbax's default);
+      False blocks until each step is committed.
   """
   if keep < 1:
     raise ValueError(f'keep_checkpoints must be >= 1, got {keep}')
@@ -65,7 +67,7 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=preservation, create=not read_only, read_only=read_only,
       # A killed save leaves `<step>.orbax-checkpoint-tmp*`; the next writer removes it.
-      cleanup_tmp_directories=not read_only)
+      cleanup_tmp_directories=not read_only, enable_async_checkpointing=asynchronous)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

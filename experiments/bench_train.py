@@ -1,0 +1,151 @@
+r"""Cost of the CGL objective: images/s of the cross-entropy step vs the full CGL train step.
+
+    python experiments/bench_train.py                        # CPU default, ~2-3 minutes
+    python experiments/bench_train.py --models=shapes_paper --steps=20 --repeats=5 --json=out.json
+
+Both steps are the trainer's own jitted `train.make_train_step` (forward, backward, SGD update,
+metrics) on the same synthetic random batch:
+  ce   cross-entropy only (λ = 0 everywhere, no weight decay);
+  cgl  cross-entropy + R_bn (every conv) + L_g (sampled pairs) + L_s on the config's layers.
+Models: `shapes_paper` (configs/shapes.py:cgl,paper: ShapesCNN 128/256, 64×64) and `alexnet`
+(configs/imagenet_alexnet.py:cgl: L_g, L_s on conv4 and conv5, 224×224), batch 32 by default.
+
+Timing: compile and `--warmup` steps excluded; then `--repeats` rounds, each timing `--steps`
+steps of ce and of cgl back to back (interleaved, so load drifts on a shared machine hit both);
+the reported figure per step kind is the median over rounds. Target (issue 3): cgl time ≤ 1.10×
+the ce time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cgl_jax import checkpoints, regularize, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {  # name → (config file, variant)
+    'shapes_paper': ('configs/shapes.py', 'cgl,paper'),
+    'shapes_small': ('configs/shapes.py', 'cgl'),
+    'alexnet': ('configs/imagenet_alexnet.py', 'cgl'),
+}
+
+
+def load_config(name: str, *, batch_size: int):
+  path, variant = MODELS[name]
+  config = runpy.run_path(os.path.join(REPO, path))['get_config'](variant)
+  config.batch_size = batch_size
+  config.optimizer.weight_decay = 0.0  # both steps alike: only the objective differs
+  config.optimizer.schedule = 'constant'
+  config.optimizer.warmup_epochs = 0.0
+  return config
+
+
+def ce_only(config):
+  config = config.copy_and_resolve_references()
+  for key in regularize.TERM_LAMBDAS.values():
+    config.cgl[key] = 0.0
+  return config
+
+
+def build_step(config):
+  """(jitted step, initial state, batch, key) for `config` on the default device."""
+  model = checkpoints.create_model(config)
+  learning_rate = train.create_learning_rate_schedule(config.optimizer, steps_per_epoch=1000,
+                                                      num_train_steps=1000)
+  tx = train.create_optimizer(config.optimizer, learning_rate=learning_rate, weight_decay=0.0)
+  size = config.dataset.image_size
+  state = jax.jit(lambda key: train.create_train_state(
+      model, tx, key=key, image_size=size, cgl_config=config.cgl))(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(config.batch_size, size, size, 3)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, config.dataset.num_classes, config.batch_size),
+                                jnp.int32)}
+  step = train.make_train_step(config, model, tx, learning_rate)
+  return step, state, batch, jax.random.key(1)
+
+
+def run_steps(runner, num_steps: int) -> float:
+  """Runs `num_steps` steps; returns seconds per step."""
+  step, state, batch, key = runner['step'], runner['state'], runner['batch'], runner['key']
+  start = time.perf_counter()
+  for _ in range(num_steps):
+    state, _, terms = step(state, batch, key)
+  jax.block_until_ready((state, terms))
+  runner['state'] = state
+  return (time.perf_counter() - start) / num_steps
+
+
+def bench_model(name: str, args) -> dict:
+  config = load_config(name, batch_size=args.batch_size)
+  configs = {'ce': ce_only(config), 'cgl': config}
+  runners = {}
+  for kind, kind_config in configs.items():
+    step, state, batch, key = build_step(kind_config)
+    runners[kind] = dict(step=step, state=state, batch=batch, key=key)
+    start = time.perf_counter()
+    run_steps(runners[kind], 1)  # compile
+    print(f'  {name} {kind}: compiled in {time.perf_counter() - start:.1f} s', flush=True)
+    run_steps(runners[kind], args.warmup)
+  times = {kind: [] for kind in runners}
+  for round_index in range(args.repeats):
+    for kind, runner in runners.items():
+      times[kind].append(run_steps(runner, args.steps))
+    print(f'  {name} round {round_index + 1}/{args.repeats}: ' + ', '.join(
+        f'{kind} {times[kind][-1] * 1e3:.1f} ms/step' for kind in runners), flush=True)
+  median = {kind: statistics.median(values) for kind, values in times.items()}
+  return {
+      'model': name, 'config': ':'.join(MODELS[name]), 'batch_size': args.batch_size,
+      'image_size': config.dataset.image_size, 'cgl_terms': list(regularize.active_terms(config.cgl)),
+      'cgl_layers': list(config.cgl.layers), 'pairs': config.cgl.pairs,
+      'seconds_per_step': median, 'all_seconds_per_step': times,
+      'images_per_second': {kind: args.batch_size / value for kind, value in median.items()},
+      'cgl_over_ce_time': median['cgl'] / median['ce'],
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--models', default='shapes_paper,alexnet',
+                      help=f'comma-separated, from {sorted(MODELS)}')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
+  parser.add_argument('--repeats', type=int, default=3, help='rounds (median reported)')
+  parser.add_argument('--json', default=None, help='also write the results to this JSON file')
+  args = parser.parse_args(argv)
+  names = [name.strip() for name in args.models.split(',') if name.strip()]
+  unknown = [name for name in names if name not in MODELS]
+  if unknown:
+    parser.error(f'unknown --models {unknown}; choose from {sorted(MODELS)}')
+
+  device = jax.devices()[0]
+  print(f'device: {device.platform} {device.device_kind} ×{jax.device_count()}; jax '
+        f'{jax.__version__}; batch {args.batch_size}; {args.repeats} rounds × {args.steps} steps')
+  results = []
+  for name in names:
+    results.append(bench_model(name, args))
+  print(f'\n{"model":14s} {"ce img/s":>10s} {"cgl img/s":>10s} {"cgl/ce time":>12s}  target ≤ 1.10')
+  for result in results:
+    ips = result['images_per_second']
+    print(f'{result["model"]:14s} {ips["ce"]:10.1f} {ips["cgl"]:10.1f} '
+          f'{result["cgl_over_ce_time"]:12.3f}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'device': f'{device.platform} {device.device_kind}',
+                 'device_count': jax.device_count(), 'jax': jax.__version__,
+                 'command': ' '.join(sys.argv), 'results': results}, f, indent=2)
+    print(f'wrote {args.json}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

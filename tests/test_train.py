@@ -1,0 +1,258 @@
+"""The trainer end to end on a tiny ShapesCNN (CPU, ~1–2 minutes).
+
+Data: the locally generated `cgl_shapes/binary_tiny` (360 train / 90 validation images, built once
+per module into a temp data_dir) through the real input pipeline, and mocked cifar10
+(`tfds.testing.mock_data`) for the end-to-end test. tfds' mock also redirects the epath file
+operations orbax uses, which breaks orbax's background commits, so under the mock the
+checkpoints are written synchronously (`config.async_checkpoints=False`); everything else uses
+the production (asynchronous) path.
+
+One uninterrupted 6-step run (module fixture) is the reference that the resumed, the killed and
+restarted, and (for 2 steps) the 8-device runs must reproduce.
+"""
+import math
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cgl_jax import checkpoints, input_pipeline, train
+from cgl_jax.config_validation import ConfigError, validate_config
+from configs import default
+
+NUM_MOCK = 48  # examples per split of the mocked cifar10
+
+# Runs in a fresh interpreter (conftest.run_python): trains tiny_config(**OVERRIDES) in WORKDIR
+# and saves the final params to OUT.
+_SUBPROCESS_TRAIN = '''
+import sys
+import numpy as np
+sys.path.insert(0, 'tests')
+from test_train import flat_params, tiny_config
+from cgl_jax import train
+{prelude}
+state = train.train_and_evaluate(tiny_config(**{overrides!r}), {workdir!r})
+np.savez({out!r}, **flat_params(state.params))
+'''
+
+
+def tiny_config(**overrides):
+  """ShapesCNN 4/6 on cgl_shapes/binary_tiny at 32×32, batch 8, full CGL objective, 3 steps.
+
+  `overrides`: dotted config keys → values, e.g. {'cgl.num_groups': 3}.
+  """
+  config = default.get_config()
+  config.model.name = 'shapes_cnn'
+  config.model.kwargs.widths = (4, 6)
+  config.dataset.update(dict(name='cgl_shapes/binary_tiny', num_classes=2, image_size=32,
+                             augment='random_resized_crop', shuffle_buffer=64))
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.steps_per_eval = 2
+  config.num_train_steps = 3
+  config.optimizer.update(dict(schedule='constant', learning_rate=0.05))
+  config.cgl.update(dict(layers=('conv1', 'conv2'), num_groups=2, pairs='sampled',
+                         lambda_bn=1e-3, lambda_g=0.1, lambda_s=0.01))
+  config.log_every_steps = 1
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def mock_cifar_config(**overrides):
+  """tiny_config on mocked cifar10 (10 classes: top-5 is logged too)."""
+  config = tiny_config(**overrides)
+  config.dataset.update(dict(name='cifar10', num_classes=10, augment='pad_crop',
+                             eval_split='test',
+                             download=True))  # mock_data reports every dataset as unprepared
+  config.async_checkpoints = False
+  return config
+
+
+def flat_params(params):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """A temp tfds data_dir holding the built cgl_shapes/binary_tiny."""
+  directory = str(tmp_path_factory.mktemp('tfds'))
+  assert input_pipeline.num_examples(
+      tiny_config(**{'dataset.data_dir': directory}).dataset, 'train') == 360
+  return directory
+
+
+def _subprocess_train(run_python, *, workdir, out, prelude='', num_devices=1, **overrides):
+  run_python(_SUBPROCESS_TRAIN.format(prelude=prelude, overrides=overrides, workdir=str(workdir),
+                                      out=str(out)), num_devices=num_devices)
+  return dict(np.load(out))
+
+
+def _assert_params_equal(actual, expected, **tolerance):
+  assert sorted(actual) == sorted(expected)
+  for name in expected:
+    if tolerance:
+      np.testing.assert_allclose(actual[name], expected[name], err_msg=name, **tolerance)
+    else:
+      np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def _scalars(workdir):
+  """{tag: {step: value}} from the TensorBoard event files in `workdir`."""
+  scalars = {}
+  for name in os.listdir(workdir):
+    if not name.startswith('events.out.tfevents'):
+      continue
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+      for value in event.summary.value:
+        if value.HasField('tensor'):
+          number = tf.make_ndarray(value.tensor)
+          if number.ndim == 0 and number.dtype.kind == 'f':
+            scalars.setdefault(value.tag, {})[event.step] = float(number)
+  return scalars
+
+
+def _shapes(data_dir, **overrides):
+  return tiny_config(**{'dataset.data_dir': data_dir}, **overrides)
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, data_dir):
+  """6 uninterrupted steps, checkpoints every 2 steps: final params."""
+  workdir = tmp_path_factory.mktemp('straight')
+  state = train.train_and_evaluate(
+      _shapes(data_dir, num_train_steps=6, checkpoint_every_steps=2), str(workdir))
+  assert checkpoints.available_steps(workdir) == [2, 4, 6]
+  return flat_params(state.params)
+
+
+def test_end_to_end_on_mock_cifar10_logs_every_term_and_checkpoints(tmp_path):
+  with tfds.testing.mock_data(num_examples=NUM_MOCK):
+    state = train.train_and_evaluate(mock_cifar_config(), str(tmp_path))
+  assert int(state.step) == 3
+  scalars = _scalars(tmp_path)
+  for tag in ('train/loss', 'train/ce', 'train/r_bn', 'train/l_g', 'train/l_s', 'train/top1',
+              'train/top5', 'train/learning_rate'):
+    assert sorted(scalars[tag]) == [1, 2, 3], tag
+    assert all(math.isfinite(v) for v in scalars[tag].values()), (tag, scalars[tag])
+  assert 'train/r_orth' not in scalars  # λ_o = 0: not computed, not logged
+  # The total is CE + Σ λ·term, per step (each logged value is that step's batch value).
+  for step in (1, 2, 3):
+    expected = (scalars['train/ce'][step] + 1e-3 * scalars['train/r_bn'][step]
+                + 0.1 * scalars['train/l_g'][step] + 0.01 * scalars['train/l_s'][step])
+    np.testing.assert_allclose(scalars['train/loss'][step], expected, rtol=1e-5)
+  assert scalars['train/learning_rate'][3] == pytest.approx(0.05)
+  assert sorted(scalars['eval/top1']) == [3] and 0 <= scalars['eval/top1'][3] <= 1
+  assert checkpoints.available_steps(tmp_path) == [3]
+  # The trainer-free restore gives back exactly the trained model.
+  model, variables, step = checkpoints.restore_model(mock_cifar_config(), tmp_path)
+  assert step == 3 and sorted(variables) == ['params']
+  _assert_params_equal(flat_params(variables['params']), flat_params(state.params))
+  assert model.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 10)
+
+
+def test_resume_in_a_new_process_reproduces_the_straight_run(straight_run, data_dir, tmp_path,
+                                                             python_subprocess):
+  train.train_and_evaluate(_shapes(data_dir, num_train_steps=3), str(tmp_path))
+  assert checkpoints.available_steps(tmp_path) == [3]
+  resumed = _subprocess_train(python_subprocess, workdir=tmp_path, out=tmp_path / 'p.npz',
+                              num_train_steps=6, **{'dataset.data_dir': data_dir})
+  assert checkpoints.available_steps(tmp_path) == [3, 6]
+  _assert_params_equal(resumed, straight_run)
+
+
+# SIGKILLs the process while orbax finalises step 4: everything is written into
+# `4.orbax-checkpoint-tmp…`, but the rename that commits it never happens.
+_KILL_DURING_COMMIT = '''
+import os, signal
+from orbax.checkpoint._src.path import atomicity
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def _finalize_or_die(self):
+  if self.get_final().name == '4':
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await _finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = _finalize_or_die
+'''
+
+
+def test_killed_mid_checkpoint_restarts_from_last_finalised_step(straight_run, data_dir,
+                                                                 tmp_path, python_subprocess):
+  with pytest.raises(AssertionError, match=r'rc=-9'):
+    _subprocess_train(python_subprocess, workdir=tmp_path, out=tmp_path / 'p.npz',
+                      prelude=_KILL_DURING_COMMIT, num_train_steps=6, checkpoint_every_steps=2,
+                      **{'dataset.data_dir': data_dir})
+  entries = os.listdir(tmp_path / 'checkpoints')
+  assert any(name.startswith('4.orbax-checkpoint-tmp') for name in entries), entries
+  assert checkpoints.available_steps(tmp_path) == [2]  # the half-committed step is invisible
+  state = train.train_and_evaluate(
+      _shapes(data_dir, num_train_steps=6, checkpoint_every_steps=2), str(tmp_path))
+  _assert_params_equal(flat_params(state.params), straight_run)
+  assert checkpoints.available_steps(tmp_path) == [2, 4, 6]
+  assert not any('tmp' in name for name in os.listdir(tmp_path / 'checkpoints'))
+
+
+def test_eight_devices_match_one_device(data_dir, tmp_path, python_subprocess):
+  one = train.train_and_evaluate(_shapes(data_dir, num_train_steps=2, eval_every_steps=2),
+                                 str(tmp_path / 'one'))
+  eight = _subprocess_train(python_subprocess, workdir=tmp_path / 'eight',
+                            out=tmp_path / 'p.npz', num_devices=8, num_train_steps=2,
+                            eval_every_steps=2, **{'dataset.data_dir': data_dir})
+  _assert_params_equal(eight, flat_params(one.params), rtol=1e-5, atol=1e-6)
+  one_scalars, eight_scalars = _scalars(tmp_path / 'one'), _scalars(tmp_path / 'eight')
+  for tag in ('train/loss', 'train/ce', 'train/l_g', 'train/l_s', 'train/r_bn', 'eval/ce',
+              'eval/top1'):
+    for step, value in one_scalars[tag].items():
+      np.testing.assert_allclose(eight_scalars[tag][step], value, rtol=1e-5, err_msg=tag)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'cgl.layers': ('conv2', 'conv3')},
+     "config.cgl.layers: unknown layer 'conv3' for model 'shapes_cnn'; available: conv1, conv2"),
+    ({'cgl.num_groups': 5},
+     "config.cgl.num_groups=5 exceeds the 4 filters of layer 'conv1' of model 'shapes_cnn': "
+     'G must be <= C'),
+    ({'cgl.lambda_g': -0.1}, 'config.cgl.lambda_g must be >= 0, got -0.1'),
+    ({'cgl.pairs': 'all'}, "config.cgl.pairs must be one of ('sampled', 'exact'), got 'all'"),
+])
+def test_bad_config_fails_before_compiling(overrides, message, tmp_path, monkeypatch):
+  def no_compiling(*args, **kwargs):
+    raise AssertionError('compiled before validating the config')
+  monkeypatch.setattr(jax, 'jit', no_compiling)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_batch_must_divide_over_devices():
+  config = tiny_config(batch_size=12)
+  layers = checkpoints.create_model(config).conv_layers()
+  validate_config(config, conv_layers=layers, device_count=4)
+  with pytest.raises(ConfigError, match=re.escape(
+      'config.batch_size=12 is not divisible by the 8 devices (jax.device_count()); '
+      'use a positive multiple of 8')):
+    validate_config(config, conv_layers=layers, device_count=8)
+
+
+def test_non_finite_loss_stops_naming_step_and_term(data_dir, tmp_path):
+  config = _shapes(data_dir, num_train_steps=6, checkpoint_every_steps=1, eval_every_steps=100,
+                   **{'optimizer.learning_rate': 1e12})
+  with pytest.raises(train.NonFiniteLossError) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  match = re.match(r"non-finite loss at train step (\d+): term '(\w+)' is (nan|inf|-inf) ",
+                   str(error.value))
+  assert match, str(error.value)
+  bad_step = int(match.group(1))
+  assert 1 < bad_step <= 6
+  # Every step before the bad one was saved (the newest 3 are kept); the bad state never was.
+  assert checkpoints.available_steps(tmp_path) == list(range(1, bad_step))[-3:]
