@@ -353,7 +353,8 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
     key: PRNG key for 'sampled' (ignored by 'exact').
     num_pairs: r for 'sampled' (default 3·f).
     pair_indices: int ``[r, 2]`` explicit pairs (i, j) of in-group filter
-      indices for 'sampled', instead of ``key``/``num_pairs``.
+      indices in ``[0, f)`` for 'sampled', instead of ``key``/``num_pairs``
+      (checked when not traced).
     reduction: 'per_sample' or 'pooled'.
     axis_name: named batch axis; the mean over images ('per_sample') or the
       sums over the batch ('pooled') then cover the global batch.
@@ -404,6 +405,11 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
       if not jnp.issubdtype(jnp.result_type(pair_indices), jnp.integer):
         raise ValueError('pair_indices must be integers; got dtype '
                          f'{jnp.result_type(pair_indices)}.')
+      if not isinstance(pair_indices, jax.core.Tracer):  # checkable values
+        low, high = int(jnp.min(pair_indices)), int(jnp.max(pair_indices))
+        if low < 0 or high >= group_size:
+          raise ValueError(f'pair_indices must lie in [0, {group_size}) (filters per '
+                           f'group); got values in [{low}, {high}].')
     pair_indices = jnp.asarray(pair_indices)
     weights = jnp.full(pair_indices.shape[0], 1.0 / pair_indices.shape[0])
     pair_l1 = _sampled_pair_l1(maps, pair_indices)

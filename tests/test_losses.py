@@ -347,6 +347,8 @@ def test_errors_name_the_argument_and_shapes():
     losses.group_coherence(psi, 2, pairs='sampled', pair_indices=jnp.zeros(3, jnp.int32))
   with _raises('pair_indices must be integers; got dtype float32.'):
     losses.group_coherence(psi, 2, pairs='sampled', pair_indices=jnp.zeros((3, 2)))
+  with _raises('pair_indices must lie in [0, 4) (filters per group); got values in [0, 4].'):
+    losses.group_coherence(psi, 2, pairs='sampled', pair_indices=jnp.array([[0, 4]]))
   with _raises('pass either pair_indices or key/num_pairs, not both.'):
     losses.group_coherence(psi, 2, pairs='sampled', key=jax.random.PRNGKey(0),
                            pair_indices=jnp.zeros((3, 2), jnp.int32))

@@ -1,4 +1,8 @@
 """cgl_jax.losses against the independent NumPy loop reference (losses_reference.py)."""
+import importlib.util
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +134,23 @@ def test_sampled_mean_over_keys_converges_to_exact(reduction):
   assert np.all(error < 4 * standard_error), (error, standard_error)
   assert float(standard_error.max()) < 1e-3
   assert np.all(np.abs(sampled - exact).max(0) > 20 * standard_error)
+
+
+def test_benchmark_loop_port_agrees_with_the_library(tmp_path, capsys):
+  """experiments/bench_losses.py runs, and its loop port matches 'sampled'."""
+  path = os.path.join(os.path.dirname(__file__), os.pardir, 'experiments', 'bench_losses.py')
+  spec = importlib.util.spec_from_file_location('bench_losses', path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  psi = jnp.asarray(random_psi(14))
+  pairs = np.array([(0, 1), (2, 0), (1, 2), (0, 1)], np.int32)
+  np.testing.assert_allclose(
+      bench.loop_port_group_coherence(psi, NUM_GROUPS, pairs),
+      ref.group_coherence(psi, NUM_GROUPS, pairs=[tuple(p) for p in pairs]), **TOL)
+  out = tmp_path / 'bench.json'
+  assert bench.main(['--batch', '2', '--size', '3', '--channels', '6', '--groups', '2',
+                     '--repeats', '2', '--json', str(out)]) == 0
+  results = json.loads(out.read_text())['results']
+  assert sorted(results) == ['exact', 'loop', 'sampled']
+  assert abs(results['loop']['value'] - results['sampled']['value']) < 1e-5
+  assert 'loop/sampled = ' in capsys.readouterr().out
