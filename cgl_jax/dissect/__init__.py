@@ -26,7 +26,6 @@ import time
 from typing import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from cgl_jax.data import broden as broden_lib
