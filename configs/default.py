@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dissect.layers = ('conv1', 'conv2')
   config.dissect.broden_dir = ml_collections.FieldReference(None, field_type=str)  # None: shapes export
   config.dissect.quantile = 0.005  # top 0.5 % activations per unit
+  config.dissect.exact_quantile = True  # exact T_k (streaming radix select); False: histogram
   config.dissect.iou_thresholds = (0.04,)
   config.dissect.batch_size = 64
   config.dissect.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset.image_size
