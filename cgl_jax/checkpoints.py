@@ -43,6 +43,10 @@ def create_model(config: ml_collections.ConfigDict):
                        dtype=jnp.dtype(config.model.dtype), **kwargs)
 
 
+def _top1(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
 def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, read_only: bool = False,
                    asynchronous: bool = True) -> ocp.CheckpointManager:
   """The one `CheckpointManager` of a workdir (the trainer writes, everyone else reads).
@@ -61,11 +65,15 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, read_only
   policies = ocp.checkpoint_managers
   preservation = policies.AnyPreservationPolicy([
       policies.LatestN(keep),
-      policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=keep_best,
+      policies.BestN(get_metric_fn=_top1, n=keep_best,
                      keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=preservation, create=not read_only, read_only=read_only,
+      preservation_policy=preservation,
+      # best_fn also makes orbax persist each step's metrics (without it they are dropped, and
+      # a restarted run would no longer know which kept step is the best).
+      best_fn=_top1, best_mode='max',
+      create=not read_only, read_only=read_only,
       # A killed save leaves `<step>.orbax-checkpoint-tmp*`; the next writer removes it.
       cleanup_tmp_directories=not read_only, enable_async_checkpointing=asynchronous)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
@@ -80,11 +88,14 @@ def available_steps(workdir: str) -> list[int]:
 
 
 def best_step(workdir: str) -> int | None:
-  """The kept step with the highest validation top-1, or None when no step has metrics."""
+  """The kept step with the highest validation top-1 (the later one on ties), or None when no
+  kept step was saved with metrics."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   with create_manager(workdir, read_only=True) as manager:
-    return manager.best_step()
+    top1 = {step: (manager.metrics(step) or {}).get(BEST_METRIC) for step in manager.all_steps()}
+  scored = {step: value for step, value in top1.items() if value is not None}
+  return max(scored, key=lambda step: (scored[step], step)) if scored else None
 
 
 def abstract_variables(model, image_shape: tuple[int, int, int]) -> dict[str, Any]:

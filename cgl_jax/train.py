@@ -162,14 +162,15 @@ def create_train_state(model, tx: optax.GradientTransformation, *, key: jax.Arra
 
 
 def create_metrics_collection(names: tuple[str, ...], *, num_classes: int,
-                              with_learning_rate: bool) -> type[metrics.Collection]:
-  """A clu Collection: Average of each scalar in `names`, top-1, top-5 (when K >= 5), lr."""
+                              last_values: tuple[str, ...] = ()) -> type[metrics.Collection]:
+  """A clu Collection: Average of each scalar in `names`, top-1, top-5 (when K >= 5), and the
+  latest value of each output in `last_values` (e.g. the learning rate)."""
   fields = {name: metrics.Average.from_output(name) for name in names}
   fields['top1'] = metrics.Accuracy
   if num_classes >= 5:
     fields['top5'] = metrics.Average.from_output('top5_correct')
-  if with_learning_rate:
-    fields['learning_rate'] = metrics.LastValue.from_output('learning_rate')
+  for name in last_values:
+    fields[name] = metrics.LastValue.from_output(name)
   return metrics.Collection.create(**fields)
 
 
@@ -219,7 +220,8 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model, 
   trainable = optax.apply_updates(state.trainable, updates)
   new_state = state.replace(step=state.step + 1, params=trainable['params'], cgl=trainable['cgl'],
                             batch_stats=batch_stats, opt_state=opt_state)
-  outputs = dict(terms, logits=logits, labels=batch['label'],
+  # Learned P1, P2 (if any) are logged as they are after this step.
+  outputs = dict(terms, **trainable['cgl'], logits=logits, labels=batch['label'],
                  learning_rate=learning_rate(state.step))
   if logits.shape[-1] >= 5:
     outputs['top5_correct'] = _top5_correct(logits, batch['label'])
@@ -245,7 +247,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
   """
   metrics_cls = create_metrics_collection(
       ('loss', 'ce', *regularize.active_terms(config.cgl)),
-      num_classes=config.dataset.num_classes, with_learning_rate=True)
+      num_classes=config.dataset.num_classes,
+      last_values=('learning_rate', *regularize.init_soft_mask_params(config.cgl)))
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                         cgl_config=config.cgl, conv_layers=model.conv_layers(),
@@ -379,8 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       out_shardings=replicated)(key=init_key)
 
   train_step_fn = make_train_step(config, model, tx, learning_rate, out_shardings=replicated)
-  eval_metrics_cls = create_metrics_collection(('ce',), num_classes=config.dataset.num_classes,
-                                               with_learning_rate=False)
+  eval_metrics_cls = create_metrics_collection(('ce',), num_classes=config.dataset.num_classes)
   eval_step_fn = jax.jit(functools.partial(eval_step, model=model, metrics_cls=eval_metrics_cls),
                          out_shardings=replicated)
   term_names = ('loss', 'ce', *regularize.active_terms(config.cgl))

@@ -39,10 +39,11 @@ MODELS = {  # name → (config file, variant)
 }
 
 
-def load_config(name: str, *, batch_size: int):
+def load_config(name: str, *, batch_size: int, dtype: str = 'float32'):
   path, variant = MODELS[name]
   config = runpy.run_path(os.path.join(REPO, path))['get_config'](variant)
   config.batch_size = batch_size
+  config.model.dtype = dtype
   config.optimizer.weight_decay = 0.0  # both steps alike: only the objective differs
   config.optimizer.schedule = 'constant'
   config.optimizer.warmup_epochs = 0.0
@@ -85,7 +86,7 @@ def run_steps(runner, num_steps: int) -> float:
 
 
 def bench_model(name: str, args) -> dict:
-  config = load_config(name, batch_size=args.batch_size)
+  config = load_config(name, batch_size=args.batch_size, dtype=args.dtype)
   configs = {'ce': ce_only(config), 'cgl': config}
   runners = {}
   for kind, kind_config in configs.items():
@@ -104,6 +105,7 @@ def bench_model(name: str, args) -> dict:
   median = {kind: statistics.median(values) for kind, values in times.items()}
   return {
       'model': name, 'config': ':'.join(MODELS[name]), 'batch_size': args.batch_size,
+      'dtype': args.dtype,
       'image_size': config.dataset.image_size, 'cgl_terms': list(regularize.active_terms(config.cgl)),
       'cgl_layers': list(config.cgl.layers), 'pairs': config.cgl.pairs,
       'seconds_per_step': median, 'all_seconds_per_step': times,
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--repeats', type=int, default=3, help='rounds (median reported)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='compute dtype of the model (params stay float32)')
   parser.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = parser.parse_args(argv)
   names = [name.strip() for name in args.models.split(',') if name.strip()]
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
 
   device = jax.devices()[0]
   print(f'device: {device.platform} {device.device_kind} ×{jax.device_count()}; jax '
-        f'{jax.__version__}; batch {args.batch_size}; {args.repeats} rounds × {args.steps} steps')
+        f'{jax.__version__}; batch {args.batch_size}, {args.dtype}; {args.repeats} rounds × '
+        f'{args.steps} steps')
   results = []
   for name in names:
     results.append(bench_model(name, args))

@@ -16,6 +16,7 @@ import re
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -138,12 +139,13 @@ def straight_run(tmp_path_factory, data_dir):
 
 
 def test_end_to_end_on_mock_cifar10_logs_every_term_and_checkpoints(tmp_path):
+  config = mock_cifar_config(**{'cgl.learn_p': True})
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    state = train.train_and_evaluate(mock_cifar_config(), str(tmp_path))
+    state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 3
   scalars = _scalars(tmp_path)
   for tag in ('train/loss', 'train/ce', 'train/r_bn', 'train/l_g', 'train/l_s', 'train/top1',
-              'train/top5', 'train/learning_rate'):
+              'train/top5', 'train/learning_rate', 'train/p1', 'train/p2'):
     assert sorted(scalars[tag]) == [1, 2, 3], tag
     assert all(math.isfinite(v) for v in scalars[tag].values()), (tag, scalars[tag])
   assert 'train/r_orth' not in scalars  # λ_o = 0: not computed, not logged
@@ -153,13 +155,31 @@ def test_end_to_end_on_mock_cifar10_logs_every_term_and_checkpoints(tmp_path):
                 + 0.1 * scalars['train/l_g'][step] + 0.01 * scalars['train/l_s'][step])
     np.testing.assert_allclose(scalars['train/loss'][step], expected, rtol=1e-5)
   assert scalars['train/learning_rate'][3] == pytest.approx(0.05)
+  # Learned P1, P2 live in the train state (not in the model params), move, and are logged.
+  assert scalars['train/p1'][3] == pytest.approx(float(state.cgl['p1']))
+  assert float(state.cgl['p1']) != 1.0 and float(state.cgl['p2']) != 0.0
   assert sorted(scalars['eval/top1']) == [3] and 0 <= scalars['eval/top1'][3] <= 1
   assert checkpoints.available_steps(tmp_path) == [3]
   # The trainer-free restore gives back exactly the trained model.
-  model, variables, step = checkpoints.restore_model(mock_cifar_config(), tmp_path)
+  model, variables, step = checkpoints.restore_model(config, tmp_path)
   assert step == 3 and sorted(variables) == ['params']
   _assert_params_equal(flat_params(variables['params']), flat_params(state.params))
   assert model.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 10)
+
+
+def test_checkpoint_manager_keeps_latest_and_best_by_top1(tmp_path):
+  def save(top1_by_step):
+    with checkpoints.create_manager(tmp_path, keep=2) as manager:
+      for step, top1 in top1_by_step.items():
+        manager.save(step, metrics=None if top1 is None else {checkpoints.BEST_METRIC: top1},
+                     args=ocp.args.Composite(**{checkpoints.MODEL_ITEM: ocp.args.StandardSave(
+                         {'params': {'w': np.full(2, step, np.float32)}, 'batch_stats': {}})}))
+  save({1: 0.2, 2: 0.9, 3: None, 4: 0.5, 5: 0.4, 6: None})
+  assert checkpoints.available_steps(tmp_path) == [2, 5, 6]  # best (0.9) + the newest two
+  assert checkpoints.best_step(tmp_path) == 2
+  save({7: 0.1, 8: None})  # a restarted run still knows which kept step is the best
+  assert checkpoints.available_steps(tmp_path) == [2, 7, 8]
+  assert checkpoints.best_step(tmp_path) == 2
 
 
 def test_resume_in_a_new_process_reproduces_the_straight_run(straight_run, data_dir, tmp_path,
@@ -256,3 +276,21 @@ def test_non_finite_loss_stops_naming_step_and_term(data_dir, tmp_path):
   assert 1 < bad_step <= 6
   # Every step before the bad one was saved (the newest 3 are kept); the bad state never was.
   assert checkpoints.available_steps(tmp_path) == list(range(1, bad_step))[-3:]
+
+
+def test_command_line_trains_a_config_file_variant(data_dir, tmp_path, python_subprocess):
+  workdir = tmp_path / 'run'
+  flags = ['--config=configs/shapes.py:rbn,tiny', f'--workdir={workdir}', '--mode=train',
+           f'--config.dataset.data_dir={data_dir}', '--config.num_train_steps=2',
+           '--config.model.kwargs.widths=(8, 10)', '--config.batch_size=8']
+  python_subprocess(f'''
+import sys
+from absl import app
+from cgl_jax import main
+sys.argv = ['cgl_jax.main', *{flags!r}]
+app.run(main.main)
+''')
+  assert checkpoints.available_steps(workdir) == [2]
+  scalars = _scalars(workdir)
+  assert list(scalars['train/r_bn']) == [2] and 'train/l_g' not in scalars  # the rbn row
+  assert not os.path.exists(workdir / 'dissect')  # --mode=train does not dissect
