@@ -223,11 +223,15 @@ def test_killed_mid_checkpoint_restarts_from_last_finalised_step(straight_run, d
 
 
 def test_eight_devices_match_one_device(data_dir, tmp_path, python_subprocess):
-  one = train.train_and_evaluate(_shapes(data_dir, num_train_steps=2, eval_every_steps=2),
-                                 str(tmp_path / 'one'))
+  # A tiny AlexNet-B: batch-norm statistics, dropout and the BN soft masks must all be those of
+  # the global batch, whatever the number of devices.
+  overrides = {'dataset.data_dir': data_dir, 'num_train_steps': 2, 'eval_every_steps': 2,
+               'model.name': 'alexnet_bn', 'dataset.image_size': 64,
+               'model.kwargs': {'width_multiplier': 1 / 16, 'hidden_features': 16},
+               'cgl.layers': ('conv4', 'conv5')}
+  one = train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'one'))
   eight = _subprocess_train(python_subprocess, workdir=tmp_path / 'eight',
-                            out=tmp_path / 'p.npz', num_devices=8, num_train_steps=2,
-                            eval_every_steps=2, **{'dataset.data_dir': data_dir})
+                            out=tmp_path / 'p.npz', num_devices=8, **overrides)
   _assert_params_equal(eight, flat_params(one.params), rtol=1e-5, atol=1e-6)
   one_scalars, eight_scalars = _scalars(tmp_path / 'one'), _scalars(tmp_path / 'eight')
   for tag in ('train/loss', 'train/ce', 'train/l_g', 'train/l_s', 'train/r_bn', 'eval/ce',
