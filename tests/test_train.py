@@ -16,6 +16,7 @@ import re
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
@@ -298,3 +299,39 @@ app.run(main.main)
   scalars = _scalars(workdir)
   assert list(scalars['train/r_bn']) == [2] and 'train/l_g' not in scalars  # the rbn row
   assert not os.path.exists(workdir / 'dissect')  # --mode=train does not dissect
+
+
+def test_sgd_weight_decay_is_coupled_l2_on_model_params_only():
+  baseline = tiny_config(**{'optimizer.momentum': 0.9, 'optimizer.weight_decay': 0.1,
+                            'cgl.lambda_bn': 0.0})
+  assert train.effective_weight_decay(baseline) == 0.1
+  tx = train.create_optimizer(baseline.optimizer, learning_rate=optax.constant_schedule(0.5),
+                              weight_decay=0.1)
+  trainable = {'params': {'w': np.array([1.0, -2.0], np.float32)},
+               'cgl': {'p1': np.float32(1.0)}}
+  grads = {'params': {'w': np.array([0.5, 0.5], np.float32)}, 'cgl': {'p1': np.float32(0.5)}}
+  state = tx.init(trainable)
+  updates, state = tx.update(grads, state, trainable)
+  # PyTorch SGD: buf = g + wd·w; w ← w − lr·buf (first step); P1/P2 are never decayed.
+  np.testing.assert_allclose(updates['params']['w'], -0.5 * (0.5 + 0.1 * np.array([1.0, -2.0])))
+  np.testing.assert_allclose(updates['cgl']['p1'], -0.5 * 0.5)
+  updates, _ = tx.update(grads, state, trainable)  # momentum: buf = 0.9·buf + g + wd·w
+  np.testing.assert_allclose(updates['params']['w'],
+                             -0.5 * 1.9 * (0.5 + 0.1 * np.array([1.0, -2.0])), rtol=1e-6)
+  # R_bn replaces weight decay (method.md).
+  assert train.effective_weight_decay(tiny_config(**{'optimizer.weight_decay': 0.1})) == 0.0
+
+
+@pytest.mark.parametrize('schedule, warmup_epochs, expected', [
+    ('step', 0.0, {0: 0.1, 29 * 10: 0.1, 30 * 10: 0.01, 60 * 10: 0.001}),
+    ('constant', 0.0, {0: 0.1, 500: 0.1}),
+    ('warmup_cosine', 1.0, {0: 0.0, 5: 0.05, 10: 0.1, 10 + 300: 0.05, 610: 0.0}),
+    ('step', 1.0, {0: 0.0, 5: 0.05, 10: 0.1, 10 + 300: 0.01}),
+])
+def test_learning_rate_schedules(schedule, warmup_epochs, expected):
+  config = tiny_config(**{'optimizer.schedule': schedule, 'optimizer.learning_rate': 0.1,
+                          'optimizer.warmup_epochs': warmup_epochs})
+  lr = train.create_learning_rate_schedule(config.optimizer, steps_per_epoch=10,
+                                           num_train_steps=600 + 10 * int(warmup_epochs))
+  for step, value in expected.items():
+    assert float(lr(step)) == pytest.approx(value, abs=1e-7), step
