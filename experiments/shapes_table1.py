@@ -434,8 +434,8 @@ def parse_args(argv=None):
   parser.add_argument('--size', default='small', choices=('small', 'paper'))
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--sweep-seed', type=int, default=100)
-  parser.add_argument('--lambda-g', type=float, nargs='+', default=[0.1, 1.0])
-  parser.add_argument('--lambda-s', type=float, nargs='+', default=[1e-3, 1e-2, 1e-1])
+  parser.add_argument('--lambda-g', type=float, nargs='+', default=[1e-3, 1e-2])
+  parser.add_argument('--lambda-s', type=float, nargs='+', default=[1e-3, 1e-2])
   parser.add_argument('--classes45-seeds', type=int, nargs='*', default=[0])
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time')
   parser.add_argument('--data-dir', default=None,
