@@ -137,19 +137,6 @@ def stacked_labels(batch: Mapping[str, Any], categories: Sequence[str], *,
   return pixel.astype(np.int32), image.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('selector', 'pass_index'))
-def _quantile_update(selector, state, activations, valid, *, pass_index):
-  """One layer's radix-selection update with a batch of maps [b, h, w, C] (padded rows off)."""
-  batch, height, width, units = activations.shape
-  position_valid = jnp.repeat(valid, height * width)
-  return selector.update(state, activations.reshape(-1, units), position_valid,
-                         pass_index=pass_index)
-
-
-_tally_batch = jax.jit(tally_lib.tally_batch, static_argnames='images_per_step')
-
-
-@functools.partial(jax.jit, static_argnames='k')
 def _merge_top_images(values, indices, activations, rows, valid, *, k):
   """Running top-k images per unit by maximum activation (ties: the earlier image)."""
   batch_max = jnp.where(valid[:, None], jnp.max(activations, axis=(1, 2)), -jnp.inf)  # [b, C]
@@ -159,11 +146,60 @@ def _merge_top_images(values, indices, activations, rows, valid, *, k):
   return best_values, jnp.take_along_axis(all_indices, position, axis=1)
 
 
+@functools.lru_cache(maxsize=32)
+def _threshold_step(*, bits_per_pass: tuple[int, ...], pass_index: int, last_pass: bool,
+                    top_images: int | None) -> Callable:
+  """jit(states, top, activations, rows, valid) → (states, top) for one probe batch.
+
+  Every layer's histogram update (and, when `top_images` is set, the running top images) in one
+  executable. It depends on the digit schedule only, not on the probe set's size, so dissections
+  of any number of images share one compilation. `states` and `top` are donated (updated in
+  place). The forward pass stays a separate executable shared by all passes: fused into each
+  pass's step, XLA could round differently from one pass to the next, and the passes must see
+  bit-identical activations.
+  """
+
+  # On CPU, cache-sized chunks (see `quantile.histogram_update`); accelerators take it whole.
+  values_per_chunk = 1 << 17 if jax.default_backend() == 'cpu' else None
+
+  def step(states, top, activations, rows, valid):
+    new_states, new_top = {}, {}
+    for name, state in states.items():
+      maps = activations[name]  # [b, h, w, C]
+      batch, height, width, units = maps.shape
+      new_states[name] = quantile_lib.histogram_update(
+          state, maps.reshape(-1, units), jnp.repeat(valid, height * width),
+          bits_per_pass=bits_per_pass, pass_index=pass_index, last_pass=last_pass,
+          values_per_chunk=values_per_chunk)
+      if top_images is not None:
+        new_top[name] = _merge_top_images(*top[name], maps, rows, valid, k=top_images)
+    return new_states, (new_top if top_images is not None else top)
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=32)
+def _tally_step(*, images_per_step: tuple[tuple[str, int], ...]) -> Callable:
+  """jit(activations, valid, thresholds, pixel, image, category_onehot) → {layer: counts}.
+
+  All layers' `tally.tally_batch` in one executable (`images_per_step`: (layer, steps) pairs).
+  """
+  steps = dict(images_per_step)
+
+  def step(activations, valid, thresholds, pixel_labels, image_labels, category_onehot):
+    return {name: tally_lib.tally_batch(
+        activations[name], thresholds[name], pixel_labels, image_labels, valid,
+        category_onehot=category_onehot, images_per_step=steps[name]) for name in steps}
+
+  return jax.jit(step)
+
+
 def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequence[str],
                    mean: Sequence[float], std: Sequence[float], quantile: float,
                    batch_size: int, image_size: int, top_images: int = 10,
                    exact_quantile: bool = True, categories: Sequence[str] | None = None,
-                   show_progress: bool = True) -> dict[str, LayerDissection]:
+                   show_progress: bool = True,
+                   timings: dict[str, float] | None = None) -> dict[str, LayerDissection]:
   """Thresholds, IoU counts and top images of `layers` on probe set `data`.
 
   Args:
@@ -178,6 +214,8 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
     exact_quantile: exact thresholds (two streaming passes) or one pass within 2^-8 relative.
     categories: the concept categories to tally (default: all of `data`).
     show_progress: progress bars on stderr.
+    timings: if given, receives each pass's wall seconds ('pass 1 (thresholds)', …), waited
+      for before the clock stops (for benchmarks).
 
   Returns:
     {layer: LayerDissection}.
@@ -211,45 +249,50 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
       rows = _pad(batch['index'].astype(np.int32), batch_size)
       labels = (tuple(_pad(x, batch_size) for x in stacked_labels(
           batch, categories, segmentation_size=seg_size)) if with_labels else None)
-      yield forward(variables, images), rows, valid, labels
+      yield images, rows, valid, labels
       if progress:
         progress.update(size)
     if progress:
       progress.close()
 
+  bits_per_pass = selectors[layers[0]].bits_per_pass
   for pass_index in range(num_passes - 1):
+    started = time.perf_counter()
+    step = _threshold_step(bits_per_pass=bits_per_pass, pass_index=pass_index,
+                           last_pass=pass_index + 2 == num_passes,
+                           top_images=keep if pass_index == 0 else None)
     description = f'dissect pass {pass_index + 1}/{num_passes} (thresholds)'
-    for activations, rows, valid, _ in image_batches(description, with_labels=False):
-      for name in layers:
-        states[name] = _quantile_update(selectors[name], states[name], activations[name], valid,
-                                        pass_index=pass_index)
-        if pass_index == 0:
-          top[name] = _merge_top_images(*top[name], activations[name], rows, valid, k=keep)
-    for name in layers:
-      states[name] = selectors[name].advance(states[name], pass_index=pass_index)
+    for images, rows, valid, _ in image_batches(description, with_labels=False):
+      states, top = step(states, top, forward(variables, images), rows, valid)
+    states = {name: selectors[name].advance(states[name], pass_index=pass_index)
+              for name in layers}
+    if timings is not None:
+      timings[f'pass {pass_index + 1} (thresholds)'] = time.perf_counter() - started
   thresholds = {name: selectors[name].thresholds(states[name]) for name in layers}
 
+  started = time.perf_counter()
   onehot = jnp.asarray(tally_lib.category_onehot(
       data.primary_category_index(categories), len(categories)))
   seg_h, seg_w = data.segmentation_size()
-  steps = {name: tally_lib.images_per_step(
-      batch_size=batch_size, pixels=seg_h * seg_w, num_units=num_units[name],
-      num_labels=data.num_labels) for name in layers}
+  step = _tally_step(images_per_step=tuple(
+      (name, tally_lib.images_per_step(batch_size=batch_size, pixels=seg_h * seg_w,
+                                       num_units=num_units[name], num_labels=data.num_labels))
+      for name in layers))
   totals = {name: tally_lib.TallyCounts.zeros(
       num_units=num_units[name], num_labels=data.num_labels, num_categories=len(categories))
       for name in layers}
   pending = None  # read a batch's counts back only after the next batch is dispatched
   description = f'dissect pass {num_passes}/{num_passes} (IoU tally)'
-  for activations, _, valid, (pixel, image) in image_batches(description, with_labels=True):
-    dispatched = {name: _tally_batch(activations[name], thresholds[name], pixel, image, valid,
-                                     category_onehot=onehot, images_per_step=steps[name])
-                  for name in layers}
+  for images, _, valid, (pixel, image) in image_batches(description, with_labels=True):
+    dispatched = step(forward(variables, images), valid, thresholds, pixel, image, onehot)
     if pending is not None:
       totals = {name: totals[name] + tally_lib.TallyCounts(*jax.device_get(pending[name]))
                 for name in layers}
     pending = dispatched
   totals = {name: totals[name] + tally_lib.TallyCounts(*jax.device_get(pending[name]))
             for name in layers}
+  if timings is not None:
+    timings[f'pass {num_passes} (tally)'] = time.perf_counter() - started
 
   return {name: LayerDissection(
       thresholds=thresholds[name],

@@ -143,28 +143,14 @@ class TopQuantile:
              pass_index: int) -> SelectionState:
     """Adds values [n, C] (rows with valid=False are ignored) to this pass's histogram.
 
-    Pure and jit-compatible (`pass_index` must be static).
+    Pure and jit-compatible (`pass_index` must be static). See `histogram_update`, which needs
+    no `num_values`, so one compiled update serves probe sets of any size.
     """
     if values.ndim != 2 or values.shape[1] != self.num_units:
       raise ValueError(f'values must be [n, C={self.num_units}], got {values.shape}')
-    keys = sortable_keys(values)
-    valid = (jnp.ones(values.shape[:1], bool) if valid is None else valid)[:, None]
-    consumed = sum(self.bits_per_pass[:pass_index])
-    bits = self.bits_per_pass[pass_index]
-    digit = ((keys >> (32 - consumed - bits)) & ((1 << bits) - 1)).astype(jnp.int32)
-    if consumed == 0:
-      in_block = jnp.broadcast_to(valid, keys.shape)
-    else:
-      high = keys >> (32 - consumed)
-      in_block = (high == state.prefix) & valid
-    flat_bin = digit + jnp.arange(self.num_units, dtype=jnp.int32) * (1 << bits)
-    hist = state.hist.reshape(-1).at[flat_bin.reshape(-1)].add(
-        in_block.reshape(-1).astype(jnp.int32)).reshape(state.hist.shape)
-    min_above = state.min_above
-    if consumed and pass_index + 1 == self.num_passes:  # only the last pass needs x_(k+1)
-      above = (high > state.prefix) & valid
-      min_above = jnp.minimum(min_above, jnp.min(jnp.where(above, keys, _KEY_MAX), axis=0))
-    return state._replace(hist=hist, min_above=min_above)
+    return histogram_update(state, values, valid, bits_per_pass=self.bits_per_pass,
+                            pass_index=pass_index,
+                            last_pass=pass_index + 1 == self.num_passes)
 
   def advance(self, state: SelectionState, *, pass_index: int) -> SelectionState:
     """Fixes this pass's digit of key(x_(k)); returns the state of the next pass (or the last)."""
@@ -234,6 +220,67 @@ class TopQuantile:
       low, high = self._bin_range(state, rank)
       mids.append((low + (high - low) / 2).astype(np.float32))
     return tuple(mids)
+
+
+def histogram_update(state: SelectionState, values: jax.Array, valid: jax.Array | None = None,
+                     *, bits_per_pass: Sequence[int], pass_index: int, last_pass: bool,
+                     values_per_chunk: int | None = None) -> SelectionState:
+  """`TopQuantile.update` as a function of the digit schedule only (jit with the options static).
+
+  Pass p adds 1 to hist[k, digit_p(key)] for every valid value of unit k whose higher digits equal
+  prefix[k]; the last pass of an exact selection (p ≥ 1) also lowers min_above[k] to the smallest
+  key above the prefix block. Values outside the block are dropped by the scatter (an
+  out-of-range bin) rather than added as zeros: past the first pass almost all values lie
+  outside, and a dropped update costs a bounds check instead of a memory write.
+
+  `values_per_chunk` (CPU): scan over row chunks of at most this many values (rows · C), so the
+  keys and bin indices of a chunk stay in cache instead of streaming [n, C] temporaries through
+  memory (2^17 values: 1.3× faster in the first pass, 3× in the second on 2 cores). The counts
+  do not depend on it.
+  """
+  num_rows, num_units = values.shape
+  valid = jnp.ones((num_rows,), bool) if valid is None else valid
+  rows = _rows_per_chunk(num_rows, num_units, values_per_chunk)
+  update = functools.partial(_histogram_update, bits_per_pass=tuple(bits_per_pass),
+                             pass_index=pass_index, last_pass=last_pass)
+  if rows == num_rows:
+    return update(state, values, valid)
+  chunks = num_rows // rows
+  state, _ = jax.lax.scan(lambda carry, chunk: (update(carry, *chunk), None), state,
+                          (values.reshape(chunks, rows, num_units), valid.reshape(chunks, rows)))
+  return state
+
+
+def _rows_per_chunk(num_rows: int, num_units: int, values_per_chunk: int | None) -> int:
+  """The largest divisor of num_rows with rows · num_units ≤ values_per_chunk (all if None)."""
+  if values_per_chunk is None or num_rows * num_units <= values_per_chunk:
+    return num_rows
+  fitting = max(1, values_per_chunk // num_units)
+  return max(d for d in range(1, fitting + 1) if num_rows % d == 0)
+
+
+def _histogram_update(state, values, valid, *, bits_per_pass, pass_index, last_pass):
+  num_units = values.shape[1]
+  keys = sortable_keys(values)
+  valid = valid[:, None]
+  consumed = sum(bits_per_pass[:pass_index])
+  bits = bits_per_pass[pass_index]
+  digit = ((keys >> (32 - consumed - bits)) & ((1 << bits) - 1)).astype(jnp.int32)
+  if consumed == 0:
+    in_block = valid
+  else:
+    high = keys >> (32 - consumed)
+    in_block = (high == state.prefix) & valid
+  num_bins = num_units << bits
+  flat_bin = jnp.where(in_block, digit + jnp.arange(num_units, dtype=jnp.int32) * (1 << bits),
+                       num_bins)  # num_bins: out of range, dropped
+  hist = state.hist.reshape(-1).at[flat_bin.reshape(-1)].add(
+      1, mode='drop').reshape(state.hist.shape)
+  min_above = state.min_above
+  if consumed and last_pass:  # only the last pass needs x_(k+1)
+    above = (high > state.prefix) & valid
+    min_above = jnp.minimum(min_above, jnp.min(jnp.where(above, keys, _KEY_MAX), axis=0))
+  return state._replace(hist=hist, min_above=min_above)
 
 
 def _locate(hist: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
