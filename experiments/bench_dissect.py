@@ -52,8 +52,13 @@ def parse_args(argv=None):
   parser.add_argument('--workdir', default=None, help='trained run to restore (latest step)')
   parser.add_argument('--widths', default='32,64', help='random-init ShapesCNN conv widths')
   parser.add_argument('--layers', default='conv1,conv2')
-  parser.add_argument('--images_per_class', type=int, default=40,
-                      help='shapes generator size; validation = 45·0.2·this images')
+  parser.add_argument('--images_per_class', type=int, default=120,
+                      help='shapes generator size; validation = 45·0.2·this images (1,080)')
+  parser.add_argument('--sizes', default=None,
+                      help='comma-separated probe sizes to time (default: N/2 and N)')
+  parser.add_argument('--repeats', type=int, default=1,
+                      help='alternating ours/reference rounds; the table shows medians')
+  parser.add_argument('--json', default=None, help='also write the results to this file')
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--quantile', type=float, default=0.005)
   parser.add_argument('--cache', default=os.path.join(tempfile.gettempdir(), 'cgl_bench_dissect'),
@@ -91,26 +96,35 @@ def probe_set(args):
 
 
 def measure_ours(args, data, model, variables, mean, std):
+  """Two dissections of the same probe set in one process: the first compiles (cold), the second
+  is the steady state a long dissection converges to (all executables cached)."""
   from cgl_jax.dissect import probe  # pylint: disable=g-import-not-at-top
   from cgl_jax.dissect import tally  # pylint: disable=g-import-not-at-top
   layers = args.layers.split(',')
-  run = lambda subset: probe.dissect_layers(
-      model, variables, subset, layers=layers, mean=mean, std=std, quantile=args.quantile,
-      batch_size=args.batch_size, image_size=64, top_images=10, show_progress=False)
-  run(data.head(args.batch_size))  # compile once, as a long dissection amortises it
+  passes = {}
+  run = lambda: probe.dissect_layers(
+      model, variables, data, layers=layers, mean=mean, std=std, quantile=args.quantile,
+      batch_size=args.batch_size, image_size=64, top_images=10, show_progress=False,
+      timings=passes)
   start = time.perf_counter()
-  results = run(data)
+  run()
+  cold = time.perf_counter() - start
+  passes.clear()
+  start = time.perf_counter()
+  results = run()
   seconds = time.perf_counter() - start
   primary = data.primary_category_index()
   ious = {name: tally.iou(result.counts, primary).tolist() for name, result in results.items()}
-  return seconds, ious, 0
+  return {'seconds': seconds, 'cold_seconds': cold, 'passes': passes}, ious, 0
 
 
 def measure_reference(args, data, model, variables, mean, std):
   from cgl_jax.dissect import probe, reference, tally  # pylint: disable=g-import-not-at-top
   layers = args.layers.split(',')
   forward = probe.make_forward(model, layers=layers, mean=mean, std=std)
-  forward(variables, np.zeros((args.batch_size, 64, 64, 3), np.uint8))  # compile
+  start = time.perf_counter()
+  forward(variables, np.zeros((args.batch_size, 64, 64, 3), np.uint8))  # compile (cached: ours too)
+  compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
   features, memmap_bytes = {}, 0
   memmap_dir = tempfile.mkdtemp(dir=args.cache, prefix='memmaps-')
@@ -136,24 +150,27 @@ def measure_reference(args, data, model, variables, mean, std):
     counts = reference.tally(features[name], thresholds, examples, category_onehot=onehot)
     ious[name] = tally.iou(counts, data.primary_category_index()).tolist()
   seconds = time.perf_counter() - start
+  timing = {'seconds': seconds, 'cold_seconds': seconds + compile_seconds}
   for name in layers:
     del features[name]
   for file in os.listdir(memmap_dir):
     os.remove(os.path.join(memmap_dir, file))
   os.rmdir(memmap_dir)
-  return seconds, ious, memmap_bytes
+  return timing, ious, memmap_bytes
 
 
 def child(args):
+  started = time.perf_counter()
   model, variables, mean, std = load_model(args)
   data = probe_set(args).head(args.num_images)
+  setup = time.perf_counter() - started  # imports, model init / restore, index parsing
   measure = measure_ours if args.role == 'ours' else measure_reference
-  seconds, ious, memmap_bytes = measure(args, data, model, variables, mean, std)
+  timing, ious, memmap_bytes = measure(args, data, model, variables, mean, std)
   import jax  # pylint: disable=g-import-not-at-top
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
-  print(json.dumps({'role': args.role, 'images': len(data), 'seconds': seconds,
+  print(json.dumps({'role': args.role, 'images': len(data), **timing, 'setup_seconds': setup,
                     'peak_rss_mb': peak_mb, 'memmap_mb': memmap_bytes / 2**20,
                     'device': device.device_kind,
                     'peak_device_mb': stats.get('peak_bytes_in_use', 0) / 2**20, 'iou': ious}))
@@ -176,36 +193,65 @@ def main(argv=None):
   if args.role:
     return child(args)
   total = len(probe_set(args))  # exports the probe set once, before the timed runs
-  sizes = (total // 2, total)
+  sizes = sorted({int(s) for s in args.sizes.split(',')} if args.sizes else {total // 2, total})
+  if sizes[-1] > total:
+    raise ValueError(f'--sizes {sizes} exceed the probe set ({total} images): raise '
+                     '--images_per_class')
   print(f'probe set: shapes validation in Broden format, {total} images 64×64 '
         f'(masks 64×64, 15 concepts); layers {args.layers}; quantile {args.quantile}; '
         f'model {"restored from " + args.workdir if args.workdir else "ShapesCNN " + args.widths + " (random init)"}',
         flush=True)
   runs = {}
+  for repeat in range(args.repeats):  # ours and the reference alternate: load drifts hit both
+    for size in sizes:
+      for role in ('ours', 'reference'):
+        started = time.perf_counter()
+        run = spawn(argv, role, size)
+        runs.setdefault((role, size), []).append(run)
+        extra = ('  passes ' + ', '.join(f'{k} {v:.2f} s' for k, v in run['passes'].items())
+                 if 'passes' in run else '')
+        print(f'  [{repeat + 1}/{args.repeats}] {role:9s} {size:5d} images on {run["device"]}: '
+              f'steady {run["seconds"]:7.2f} s ({size / run["seconds"]:7.1f} img/s), with '
+              f'compile {run["cold_seconds"]:7.2f} s, setup {run["setup_seconds"]:4.1f} s, peak '
+              f'RSS {run["peak_rss_mb"]:7.1f} MB, memmaps {run["memmap_mb"]:6.1f} MB '
+              f'[process {time.perf_counter() - started:.0f} s]{extra}', flush=True)
+
+  median = lambda role, size, key: float(np.median([r[key] for r in runs[role, size]]))
+  print(f'\nmedians of {args.repeats} run(s); steady = executables compiled, "cold" = first '
+        'dissection in a fresh process incl. jit compilation (process start and setup excluded)')
+  print('images  ours steady img/s  ours cold img/s  reference img/s  speed-up steady  '
+        'speed-up cold  ours peak MB  reference peak MB  max |ΔIoU|')
+  table = []
   for size in sizes:
-    for role in ('ours', 'reference'):
-      started = time.perf_counter()
-      runs[role, size] = spawn(argv, role, size)
-      run = runs[role, size]
-      print(f'  {role:9s} {size:5d} images on {run["device"]}: {run["seconds"]:7.2f} s '
-            f'({size / run["seconds"]:8.1f} img/s), peak RSS {run["peak_rss_mb"]:7.1f} MB, '
-            f'peak device memory {run["peak_device_mb"]:7.1f} MB, memmaps '
-            f'{run["memmap_mb"]:6.1f} MB [process {time.perf_counter() - started:.0f} s]',
-            flush=True)
-  print('\nimages  ours img/s  reference img/s  speed-up  ours peak MB  reference peak MB  '
-        'max |ΔIoU|')
-  for size in sizes:
-    ours, ref = runs['ours', size], runs['reference', size]
+    ours, ref = runs['ours', size][-1], runs['reference', size][-1]
     delta = max(float(np.max(np.abs(np.subtract(ours['iou'][n], ref['iou'][n]))))
                 for n in ours['iou'])
-    print(f'{size:6d}  {size / ours["seconds"]:10.1f}  {size / ref["seconds"]:15.1f}  '
-          f'{ref["seconds"] / ours["seconds"]:7.1f}×  {ours["peak_rss_mb"]:12.1f}  '
-          f'{ref["peak_rss_mb"]:17.1f}  {delta:.2e}')
-  small, large = sizes
-  print(f'\npeak RSS growth from {small} to {large} images: ours '
-        f'{runs["ours", large]["peak_rss_mb"] - runs["ours", small]["peak_rss_mb"]:+.1f} MB, '
-        f'reference {runs["reference", large]["peak_rss_mb"] - runs["reference", small]["peak_rss_mb"]:+.1f} MB '
-        f'(its memmaps: {runs["reference", large]["memmap_mb"]:.1f} MB)')
+    row = {'images': size,
+           'ours_img_s': size / median('ours', size, 'seconds'),
+           'ours_cold_img_s': size / median('ours', size, 'cold_seconds'),
+           'reference_img_s': size / median('reference', size, 'seconds'),
+           'speedup': median('reference', size, 'seconds') / median('ours', size, 'seconds'),
+           'speedup_cold': (median('reference', size, 'cold_seconds')
+                            / median('ours', size, 'cold_seconds')),
+           'ours_peak_mb': median('ours', size, 'peak_rss_mb'),
+           'reference_peak_mb': median('reference', size, 'peak_rss_mb'),
+           'max_abs_iou_difference': delta}
+    table.append(row)
+    print(f'{size:6d}  {row["ours_img_s"]:17.1f}  {row["ours_cold_img_s"]:15.1f}  '
+          f'{row["reference_img_s"]:15.1f}  {row["speedup"]:14.1f}×  {row["speedup_cold"]:12.1f}×  '
+          f'{row["ours_peak_mb"]:12.1f}  {row["reference_peak_mb"]:17.1f}  {delta:.2e}')
+  small, large = table[0], table[-1]
+  print(f'\npeak RSS growth from {small["images"]} to {large["images"]} images: ours '
+        f'{large["ours_peak_mb"] - small["ours_peak_mb"]:+.1f} MB, reference '
+        f'{large["reference_peak_mb"] - small["reference_peak_mb"]:+.1f} MB (its memmaps: '
+        f'{runs["reference", large["images"]][-1]["memmap_mb"]:.1f} MB)')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'argv': argv, 'device': runs['ours', sizes[0]][-1]['device'], 'table': table,
+                 'runs': {f'{role}@{size}': [{k: v for k, v in r.items() if k != 'iou'}
+                                             for r in rs] for (role, size), rs in runs.items()}},
+                f, indent=1)
+    print(f'wrote {args.json}')
 
 
 if __name__ == '__main__':

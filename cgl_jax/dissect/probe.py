@@ -147,35 +147,39 @@ def _merge_top_images(values, indices, activations, rows, valid, *, k):
 
 
 @functools.lru_cache(maxsize=32)
-def _threshold_step(*, bits_per_pass: tuple[int, ...], pass_index: int, last_pass: bool,
-                    top_images: int | None) -> Callable:
-  """jit(states, top, activations, rows, valid) → (states, top) for one probe batch.
+def _threshold_step(*, bits_per_pass: tuple[int, ...], pass_index: int,
+                    last_pass: bool) -> Callable:
+  """jit(states, activations, valid) → states: every layer's histogram update for one batch.
 
-  Every layer's histogram update (and, when `top_images` is set, the running top images) in one
-  executable. It depends on the digit schedule only, not on the probe set's size, so dissections
-  of any number of images share one compilation. `states` and `top` are donated (updated in
-  place). The forward pass stays a separate executable shared by all passes: fused into each
-  pass's step, XLA could round differently from one pass to the next, and the passes must see
-  bit-identical activations.
+  One executable for all layers. It depends on the digit schedule only, not on the probe set's
+  size, so dissections of any number of images share one compilation. `states` is donated
+  (updated in place). The forward pass stays a separate executable shared by all passes: fused
+  into each pass's step, XLA could round differently from one pass to the next, and the passes
+  must see bit-identical activations.
   """
-
   # On CPU, cache-sized chunks (see `quantile.histogram_update`); accelerators take it whole.
   values_per_chunk = 1 << 17 if jax.default_backend() == 'cpu' else None
 
-  def step(states, top, activations, rows, valid):
-    new_states, new_top = {}, {}
+  def step(states, activations, valid):
+    new_states = {}
     for name, state in states.items():
       maps = activations[name]  # [b, h, w, C]
-      batch, height, width, units = maps.shape
+      _, height, width, units = maps.shape
       new_states[name] = quantile_lib.histogram_update(
           state, maps.reshape(-1, units), jnp.repeat(valid, height * width),
           bits_per_pass=bits_per_pass, pass_index=pass_index, last_pass=last_pass,
           values_per_chunk=values_per_chunk)
-      if top_images is not None:
-        new_top[name] = _merge_top_images(*top[name], maps, rows, valid, k=top_images)
-    return new_states, (new_top if top_images is not None else top)
+    return new_states
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames='k', donate_argnums=0)
+def _merge_top_images_of_layers(top, activations, rows, valid, *, k):
+  """`_merge_top_images` of every layer in `top` (a separate executable: fused into the
+  histogram step, XLA CPU made that step 50 ms slower per batch of 64 instead of 2 ms)."""
+  return {name: _merge_top_images(*top[name], activations[name], rows, valid, k=k)
+          for name in top}
 
 
 @functools.lru_cache(maxsize=32)
@@ -259,11 +263,13 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   for pass_index in range(num_passes - 1):
     started = time.perf_counter()
     step = _threshold_step(bits_per_pass=bits_per_pass, pass_index=pass_index,
-                           last_pass=pass_index + 2 == num_passes,
-                           top_images=keep if pass_index == 0 else None)
+                           last_pass=pass_index + 2 == num_passes)
     description = f'dissect pass {pass_index + 1}/{num_passes} (thresholds)'
     for images, rows, valid, _ in image_batches(description, with_labels=False):
-      states, top = step(states, top, forward(variables, images), rows, valid)
+      activations = forward(variables, images)
+      states = step(states, activations, valid)
+      if pass_index == 0:
+        top = _merge_top_images_of_layers(top, activations, rows, valid, k=keep)
     states = {name: selectors[name].advance(states[name], pass_index=pass_index)
               for name in layers}
     if timings is not None:
