@@ -58,6 +58,27 @@ def test_padded_rows_are_ignored():
   np.testing.assert_array_equal(thresholds, np.quantile(x, 0.99, axis=0))
 
 
+@pytest.mark.parametrize('values_per_chunk', [None, 40 * 4, 35 * 4])
+def test_chunked_histogram_update_gives_the_same_state(values_per_chunk):
+  # Chunks of 40 rows, and of 30 (the largest divisor of 1,200 rows with rows · 4 ≤ 35 · 4),
+  # padded rows (valid=False) in the batch; every pass's state equals the unchunked one.
+  x = np.random.default_rng(4).standard_normal((1200, 4)).astype(np.float32)
+  valid = np.arange(1200) < 1100
+  selector = quantile.TopQuantile(num_units=4, num_values=1100, quantile=0.005)
+  state, unchunked = selector.init(), selector.init()
+  for pass_index in range(selector.num_passes):
+    options = dict(bits_per_pass=selector.bits_per_pass, pass_index=pass_index,
+                   last_pass=pass_index + 1 == selector.num_passes)
+    state = quantile.histogram_update(state, x, valid, values_per_chunk=values_per_chunk,
+                                      **options)
+    unchunked = quantile.histogram_update(unchunked, x, valid, **options)
+    for got, want in zip(state, unchunked):
+      np.testing.assert_array_equal(got, want)
+    state = unchunked = selector.advance(state, pass_index=pass_index)
+  np.testing.assert_array_equal(selector.thresholds(state),
+                                np.quantile(x[:1100], 0.995, axis=0))
+
+
 @pytest.mark.parametrize('name', ['normal', 'ties', 'two_signs', 'relu_like'])
 def test_approximate_quantile_within_its_stated_bound(name):
   x = _DISTRIBUTIONS[name](np.random.default_rng(4)).astype(np.float32)
