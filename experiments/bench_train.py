@@ -2,6 +2,7 @@ r"""Cost of the CGL objective: images/s of the cross-entropy step vs the full CG
 
     python experiments/bench_train.py                        # CPU default, ~2-3 minutes
     python experiments/bench_train.py --models=shapes_paper --steps=20 --repeats=5 --json=out.json
+    python experiments/bench_train.py --models=shapes_paper --breakdown --clock=process  # per term
 
 Both steps are the trainer's own jitted `train.make_train_step` (forward, backward, SGD update,
 metrics) on the same synthetic random batch:
@@ -14,6 +15,13 @@ Timing: compile and `--warmup` steps excluded; then `--repeats` rounds, each tim
 steps of ce and of cgl back to back (interleaved, so load drifts on a shared machine hit both);
 the reported figure per step kind is the median over rounds. Target (issue 3): cgl time ≤ 1.10×
 the ce time.
+
+`--breakdown` adds one step kind per active CGL term, cross-entropy + that term alone (e.g. `l_g`),
+to show where the cost of the full step comes from, and every kind's XLA cost estimate (GFLOP and
+GB accessed of the compiled step; loop bodies count once) is printed. `--clock=process` times
+with this process's CPU time instead of wall time: on a machine shared with other jobs it is much
+less noisy, best with single-threaded XLA
+(XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1').
 """
 from __future__ import annotations
 
@@ -50,11 +58,21 @@ def load_config(name: str, *, batch_size: int, dtype: str = 'float32'):
   return config
 
 
-def ce_only(config):
+def ce_only(config, *, keep: tuple[str, ...] = ()):
+  """`config` with every CGL λ set to 0 except those of the terms named in `keep`."""
   config = config.copy_and_resolve_references()
-  for key in regularize.TERM_LAMBDAS.values():
-    config.cgl[key] = 0.0
+  for name, key in regularize.TERM_LAMBDAS.items():
+    if name not in keep:
+      config.cgl[key] = 0.0
   return config
+
+
+def cost_estimate(step, state, batch, key) -> dict:
+  """XLA's cost estimate of the compiled step: {'gflops', 'gbytes'} (loop bodies count once)."""
+  analysis = step.lower(state, batch, key).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return {'gflops': analysis.get('flops', float('nan')) / 1e9,
+          'gbytes': analysis.get('bytes accessed', float('nan')) / 1e9}
 
 
 def build_step(config):
@@ -74,32 +92,43 @@ def build_step(config):
   return step, state, batch, jax.random.key(1)
 
 
-def run_steps(runner, num_steps: int) -> float:
-  """Runs `num_steps` steps; returns seconds per step."""
+CLOCKS = {'wall': time.perf_counter, 'process': time.process_time}
+
+
+def run_steps(runner, num_steps: int, *, clock=time.perf_counter) -> float:
+  """Runs `num_steps` steps; returns seconds per step by `clock`."""
   step, state, batch, key = runner['step'], runner['state'], runner['batch'], runner['key']
-  start = time.perf_counter()
+  start = clock()
   for _ in range(num_steps):
     state, _, terms = step(state, batch, key)
   jax.block_until_ready((state, terms))
   runner['state'] = state
-  return (time.perf_counter() - start) / num_steps
+  return (clock() - start) / num_steps
 
 
 def bench_model(name: str, args) -> dict:
   config = load_config(name, batch_size=args.batch_size, dtype=args.dtype)
   configs = {'ce': ce_only(config), 'cgl': config}
-  runners = {}
+  if args.breakdown:
+    configs.update({term: ce_only(config, keep=(term,))
+                    for term in regularize.active_terms(config.cgl)})
+  clock = CLOCKS[args.clock]
+  runners, costs = {}, {}
   for kind, kind_config in configs.items():
     step, state, batch, key = build_step(kind_config)
     runners[kind] = dict(step=step, state=state, batch=batch, key=key)
     start = time.perf_counter()
+    if args.breakdown:
+      costs[kind] = cost_estimate(step, state, batch, key)
     run_steps(runners[kind], 1)  # compile
-    print(f'  {name} {kind}: compiled in {time.perf_counter() - start:.1f} s', flush=True)
+    print(f'  {name} {kind}: compiled in {time.perf_counter() - start:.1f} s' + (
+        f'; XLA estimate {costs[kind]["gflops"]:.2f} GFLOP, {costs[kind]["gbytes"]:.3f} GB'
+        if kind in costs else ''), flush=True)
     run_steps(runners[kind], args.warmup)
   times = {kind: [] for kind in runners}
   for round_index in range(args.repeats):
     for kind, runner in runners.items():
-      times[kind].append(run_steps(runner, args.steps))
+      times[kind].append(run_steps(runner, args.steps, clock=clock))
     print(f'  {name} round {round_index + 1}/{args.repeats}: ' + ', '.join(
         f'{kind} {times[kind][-1] * 1e3:.1f} ms/step' for kind in runners), flush=True)
   median = {kind: statistics.median(values) for kind, values in times.items()}
@@ -110,7 +139,9 @@ def bench_model(name: str, args) -> dict:
       'cgl_layers': list(config.cgl.layers), 'pairs': config.cgl.pairs,
       'seconds_per_step': median, 'all_seconds_per_step': times,
       'images_per_second': {kind: args.batch_size / value for kind, value in median.items()},
-      'cgl_over_ce_time': median['cgl'] / median['ce'],
+      'cgl_over_ce_time': median['cgl'] / median['ce'], 'clock': args.clock,
+      'over_ce_time': {kind: value / median['ce'] for kind, value in median.items()},
+      'xla_cost_estimate': costs,
   }
 
 
@@ -124,6 +155,10 @@ def main(argv=None) -> int:
   parser.add_argument('--repeats', type=int, default=3, help='rounds (median reported)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='compute dtype of the model (params stay float32)')
+  parser.add_argument('--breakdown', action='store_true',
+                      help='also time ce + each active CGL term alone; print XLA cost estimates')
+  parser.add_argument('--clock', default='wall', choices=sorted(CLOCKS),
+                      help='wall time, or this process\'s CPU time (less noisy on a shared machine)')
   parser.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = parser.parse_args(argv)
   names = [name.strip() for name in args.models.split(',') if name.strip()]
@@ -134,7 +169,7 @@ def main(argv=None) -> int:
   device = jax.devices()[0]
   print(f'device: {device.platform} {device.device_kind} ×{jax.device_count()}; jax '
         f'{jax.__version__}; batch {args.batch_size}, {args.dtype}; {args.repeats} rounds × '
-        f'{args.steps} steps')
+        f'{args.steps} steps; {args.clock} clock')
   results = []
   for name in names:
     results.append(bench_model(name, args))
@@ -143,6 +178,13 @@ def main(argv=None) -> int:
     ips = result['images_per_second']
     print(f'{result["model"]:14s} {ips["ce"]:10.1f} {ips["cgl"]:10.1f} '
           f'{result["cgl_over_ce_time"]:12.3f}')
+  if args.breakdown:
+    print(f'\n{"model":14s} {"step":6s} {"ms/step":>9s} {"/ce time":>9s} {"GFLOP":>8s} {"GB":>7s}')
+    for result in results:
+      for kind, seconds in result['seconds_per_step'].items():
+        cost = result['xla_cost_estimate'][kind]
+        print(f'{result["model"]:14s} {kind:6s} {seconds * 1e3:9.1f} '
+              f'{result["over_ce_time"][kind]:9.3f} {cost["gflops"]:8.2f} {cost["gbytes"]:7.3f}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'device': f'{device.platform} {device.device_kind}',
