@@ -472,7 +472,10 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
     weights = jnp.full(pair_indices.shape[0], 1.0 / pair_indices.shape[0])
     pair_l1 = _sampled_pair_l1(maps, pair_indices)
 
-  filter_l1 = jnp.sum(jnp.abs(maps), axis=1)  # [B, G, f]
+  # Per-channel L1 of the whole ψ, then the grouped channels: summing the slice
+  # `maps` instead makes XLA copy it out of ψ first (one B·H·W·G·f write).
+  filter_l1 = jnp.sum(jnp.abs(jnp.asarray(psi).astype(x.dtype)), axis=(1, 2))[
+      :, :num_groups * group_size].reshape(batch, num_groups, group_size)  # [B, G, f]
   first_l1 = jnp.take(filter_l1, pair_indices[:, 0], axis=2)  # [B, G, P]
   second_l1 = jnp.take(filter_l1, pair_indices[:, 1], axis=2)
   if reduction == 'pooled':
