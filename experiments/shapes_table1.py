@@ -346,8 +346,8 @@ def write_report(args, *, sweep_baseline, sweep_rows, chosen, main_records, c45_
   by_row = {row: [r for r in main_records if r['row'] == row] for row in ROWS}
   c45_by_row = {row: [r for r in c45_records if r['row'] == row] for row in ROWS}
   bar_chart(os.path.join(args.figures, 'unique_detectors.png'), by_row,
-            title=f'Shapes, binary: unique detectors at IoU ≥ 0.04 (mean ± std over '
-                  f'{len(args.seeds)} seeds; bars: {args.size} ShapesCNN)')
+            title=f'Shapes, binary: unique detectors at IoU ≥ 0.04\n(mean ± std over '
+                  f'{len(args.seeds)} seeds, {args.size} ShapesCNN; black dashes: paper)')
   first = {row: by_row[row][0] for row in ('baseline', 'cgl') if by_row.get(row)}
   if len(first) == 2:
     units_side_by_side(os.path.join(args.figures, 'conv2_units_wd_vs_cgl.png'),
@@ -366,7 +366,8 @@ def write_report(args, *, sweep_baseline, sweep_rows, chosen, main_records, c45_
       '# Results: the synthetic shapes experiment (paper Table 1)', '',
       f'Produced by `python experiments/shapes_table1.py{args.extra_flags}` '
       f'({len(main_records) + len(c45_records) + len(sweep_rows) + 1} runs, '
-      f'{seconds / 60:.0f} min of run time on this machine). ShapesCNN `{args.size}` '
+      f'{seconds / 60:.0f} min of run time summed over runs on this 2-core machine; with '
+      f'`--jobs=2` the wall time is about half). ShapesCNN `{args.size}` '
       f'(configs/shapes.py), binary labels unless said otherwise; unique detectors = distinct '
       'concepts that some unit of the layer detects, counted per category by Network Dissection '
       'on the 5,760 validation images (exact top-0.5 % thresholds, reference IoU rule). '
@@ -434,7 +435,7 @@ def parse_args(argv=None):
   parser.add_argument('--size', default='small', choices=('small', 'paper'))
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--sweep-seed', type=int, default=100)
-  parser.add_argument('--lambda-g', type=float, nargs='+', default=[1e-3, 1e-2])
+  parser.add_argument('--lambda-g', type=float, nargs='+', default=[1e-3, 1e-2, 1e-1])
   parser.add_argument('--lambda-s', type=float, nargs='+', default=[1e-3, 1e-2])
   parser.add_argument('--classes45-seeds', type=int, nargs='*', default=[0])
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time')
