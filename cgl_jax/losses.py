@@ -464,7 +464,9 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
         raise ValueError('pair_indices must be integers; got dtype '
                          f'{jnp.result_type(pair_indices)}.')
       if not isinstance(pair_indices, jax.core.Tracer):  # checkable values
-        low, high = int(jnp.min(pair_indices)), int(jnp.max(pair_indices))
+        # Evaluated now even under jit (a NumPy constant is not traced).
+        with jax.ensure_compile_time_eval():
+          low, high = int(jnp.min(pair_indices)), int(jnp.max(pair_indices))
         if low < 0 or high >= group_size:
           raise ValueError(f'pair_indices must lie in [0, {group_size}) (filters per '
                            f'group); got values in [{low}, {high}].')
