@@ -117,13 +117,15 @@ def detector_bar_graph(stem: str, *, concepts: tally_lib.UnitConcepts, threshold
             transform=ax.transAxes)
     ax.set_xticks([])
   ax.set_ylabel('detector units')
-  ax.set_title(title, fontsize=10)
-  for g, category in enumerate(categories):
-    ax.bar([], [], color=category_colour(g), label=category)
-  ax.legend(fontsize=7, frameon=False, loc='upper left', bbox_to_anchor=(1, 1))
+  ax.set_title(title, fontsize=9)
+  # Explicit patches: an empty bar() gives a legend entry without the category's colour.
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+  ax.legend(handles=[Patch(color=category_colour(g), label=category)
+                     for g, category in enumerate(categories)],
+            fontsize=7, frameon=False, loc='upper left', bbox_to_anchor=(1, 1))
   fig.tight_layout()
-  for ext in ('png', 'svg'):
-    fig.savefig(f'{stem}.{ext}', dpi=110)
+  for ext in ('png', 'svg'):  # 'tight' keeps the outside legend and a long title in the file
+    fig.savefig(f'{stem}.{ext}', dpi=110, bbox_inches='tight')
   plt.close(fig)
 
 
