@@ -165,14 +165,39 @@ def _check_rev_grads(fn, *args):
 
 
 @pytest.mark.parametrize('options', coherence_variants(2, 3), ids=variant_id)
-def test_group_coherence_gradient_matches_finite_differences(options):
+def test_group_coherence_gradient_matches_finite_differences(options, pair_l1_implementation):
   psi = uniform(4, (2, 3, 3, 7), 0.05, 0.95)
   _check_rev_grads(lambda x: losses.group_coherence(x, 2, **options), psi)
 
 
+# The two implementations of the 'sampled' pair sums: the CPU loop and the
+# GPU/TPU matmuls. Both run here (on the CPU) by patching the dispatcher.
+PAIR_L1_IMPLEMENTATIONS = {'loop': losses._loop_pair_l1, 'matmul': losses._matmul_pair_l1}
+
+
+@pytest.fixture(params=sorted(PAIR_L1_IMPLEMENTATIONS))
+def pair_l1_implementation(request, monkeypatch):
+  monkeypatch.setattr(losses, '_sampled_pair_l1', PAIR_L1_IMPLEMENTATIONS[request.param])
+  return request.param
+
+
+def test_sampled_pair_l1_dispatches_by_platform():
+  """On the CPU the compiled 'sampled' sums are the loop; the matmul form agrees with it."""
+  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))  # [B, HW, G, f]
+  pairs = jnp.array([(0, 5), (5, 0), (2, 3), (2, 3), (4, 1)], jnp.int32)
+  hlo = jax.jit(losses._sampled_pair_l1).lower(maps, pairs).compile().as_text()
+  assert 'while' in hlo and ' dot(' not in hlo
+  loop, matmul = losses._loop_pair_l1(maps, pairs), losses._matmul_pair_l1(maps, pairs)
+  by_hand = np.abs(np.asarray(maps)[..., [0, 5, 2, 2, 4]] - np.asarray(maps)[..., [5, 0, 3, 3, 1]]
+                   ).sum(1)
+  np.testing.assert_allclose(loop, by_hand, rtol=1e-6)
+  np.testing.assert_allclose(matmul, by_hand, rtol=1e-6)
+
+
 @pytest.mark.parametrize('reduction', losses.REDUCTIONS)
-def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction):
-  """The hand-written backward of the 'sampled' pair loop = autodiff of D on gathered maps.
+def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction,
+                                                                   pair_l1_implementation):
+  """The hand-written backward of 'sampled' (loop and matmul) = autodiff of D on gathered maps.
 
   With repeated pairs, both orders of a pair, and two tied filters (|p − q| has
   derivative sign(0) = 0 there, as for jnp.abs), where finite differences do not apply.
