@@ -4,8 +4,12 @@ Times, in one run and on one device, ``jax.jit(jax.value_and_grad(L_g + L_s))``
 on soft masks ψ of shape [B, H, W, C] (default [256, 13, 13, 256], G = 5: AlexNet
 conv5, per-sample reduction) for three implementations of L_g:
 
-  sampled  cgl_jax.losses.group_coherence(pairs='sampled'): r = 3·f pairs,
-           all groups and pairs in one gather.
+  sampled  cgl_jax.losses.group_coherence(pairs='sampled'): r = 3·f pairs; on the
+           CPU a loop over the pairs, on GPU/TPU two matmuls with the ±1 pair
+           incidence matrix (chosen when compiling for the device).
+  sampled_loop, sampled_matmul
+           'sampled' forced to one of those two implementations (to show why
+           each platform gets the one it gets).
   exact    cgl_jax.losses.group_coherence(pairs='exact'): all f·(f−1) pairs,
            a scan over filter shifts.
   loop     A straightforward port of the authors' approach (PyTorch loop): a
@@ -24,6 +28,7 @@ table reports the median over repeats and the ratios to 'sampled'.
   python3 experiments/bench_losses.py --json /tmp/bench.json --repeats 20
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -89,7 +94,26 @@ def make_objectives(num_groups):
     return (loop_port_group_coherence(psi, num_groups, pairs).sum()
             + losses.spatial_concentration(psi))
 
-  return {'sampled': sampled, 'exact': exact, 'loop': loop}
+  def forced(implementation):
+    def objective(psi, key):
+      # The library picks the pair-sum implementation per platform; swap it for this trace.
+      with _pair_l1_implementation(implementation):
+        return sampled(psi, key)
+    return objective
+
+  return {'sampled': sampled, 'exact': exact, 'loop': loop,
+          'sampled_loop': forced(losses._loop_pair_l1),
+          'sampled_matmul': forced(losses._matmul_pair_l1)}
+
+
+@contextlib.contextmanager
+def _pair_l1_implementation(implementation):
+  original = losses._sampled_pair_l1
+  losses._sampled_pair_l1 = implementation
+  try:
+    yield
+  finally:
+    losses._sampled_pair_l1 = original
 
 
 # ----------------------------------------------------------------------------
@@ -106,7 +130,7 @@ def time_variant(name, objective, psi, key, *, repeats):
   start = time.perf_counter()
   value, _ = jax.block_until_ready(compiled(psi, key))  # warm-up, not timed
   warmup_s = time.perf_counter() - start
-  print(f'  {name:8s} compiled in {compile_s:.1f} s, warm-up call {warmup_s:.2f} s',
+  print(f'  {name:14s} compiled in {compile_s:.1f} s, warm-up call {warmup_s:.2f} s',
         flush=True)
   # One updating line on a terminal, one line per repeat in a log.
   carriage, end = ('\r', '') if sys.stdout.isatty() else ('', '\n')
@@ -118,7 +142,7 @@ def time_variant(name, objective, psi, key, *, repeats):
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
     mean_s = sum(times) / len(times)
-    print(f'{carriage}  {name:8s} repeat {i + 1}/{repeats}: {1 / mean_s:.2f} it/s, '
+    print(f'{carriage}  {name:14s} repeat {i + 1}/{repeats}: {1 / mean_s:.2f} it/s, '
           f'ETA {mean_s * (repeats - i - 1):.1f} s', end=end, flush=True)
   if carriage:
     print(flush=True)
@@ -129,6 +153,9 @@ def time_variant(name, objective, psi, key, *, repeats):
           'value': float(value)}
 
 
+VARIANTS = ('sampled', 'exact', 'loop', 'sampled_loop', 'sampled_matmul')
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=256)
@@ -137,7 +164,7 @@ def parse_args(argv):
   parser.add_argument('--groups', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--variants', default='sampled,exact,loop',
-                      help='comma-separated subset of sampled,exact,loop')
+                      help='comma-separated subset of ' + ','.join(VARIANTS))
   parser.add_argument('--quick', action='store_true',
                       help='small shapes ([32, 13, 13, 64], G = 4) for a smoke run')
   parser.add_argument('--seed', type=int, default=0)
@@ -146,9 +173,9 @@ def parse_args(argv):
   if args.quick:
     args.batch, args.channels, args.groups = 32, 64, 4
   variants = args.variants.split(',')
-  unknown = sorted(set(variants) - {'sampled', 'exact', 'loop'})
+  unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
-    parser.error(f'--variants: unknown {unknown}; choose from sampled, exact, loop')
+    parser.error(f'--variants: unknown {unknown}; choose from {", ".join(VARIANTS)}')
   if not 2 <= args.channels // max(args.groups, 1) or args.groups < 1:
     parser.error(f'--groups={args.groups} must be >= 1 and leave >= 2 filters per group '
                  f'of --channels={args.channels}')
@@ -184,14 +211,14 @@ def main(argv=None):
   baseline = results.get('sampled')
   # cpu ms: this process's CPU time per call (all XLA threads); on a shared
   # CPU it is steadier than wall time, on a GPU it is host overhead only.
-  print(f"\n{'variant':8s} {'compile s':>10s} {'median ms':>10s} {'min ms':>10s} "
+  print(f"\n{'variant':14s} {'compile s':>10s} {'median ms':>10s} {'min ms':>10s} "
         f"{'cpu ms':>10s} {'/ sampled':>10s}")
   for name, result in results.items():
     ratio = f"{result['median_ms'] / baseline['median_ms']:.2f}x" if baseline else '-'
-    print(f"{name:8s} {result['compile_s']:10.1f} {result['median_ms']:10.1f} "
+    print(f"{name:14s} {result['compile_s']:10.1f} {result['median_ms']:10.1f} "
           f"{result['min_ms']:10.1f} {result['cpu_median_ms']:10.1f} {ratio:>10s}")
   if baseline:
-    for name in ('loop', 'exact'):
+    for name in ('loop', 'exact', 'sampled_loop', 'sampled_matmul'):
       if name in results:
         print(f"{name}/sampled = {results[name]['median_ms'] / baseline['median_ms']:.2f} "
               f"(cpu time: "
