@@ -8,8 +8,8 @@ conv5, per-sample reduction) for three implementations of L_g:
            CPU a loop over the pairs, on GPU/TPU two matmuls with the ±1 pair
            incidence matrix (chosen when compiling for the device).
   sampled_loop, sampled_matmul
-           'sampled' forced to one of those two implementations (to show why
-           each platform gets the one it gets).
+           'sampled' forced to one of the library's implementations of the pair
+           sums (to show why each platform gets the one it gets).
   exact    cgl_jax.losses.group_coherence(pairs='exact'): all f·(f−1) pairs,
            a scan over filter shifts.
   loop     A straightforward port of the authors' approach (PyTorch loop): a
@@ -96,20 +96,23 @@ def make_objectives(num_groups):
 
   def forced(implementation):
     def objective(psi, key):
-      # The library picks the pair-sum implementation per platform; swap it for this trace.
-      with _pair_l1_implementation(implementation):
+      with pair_sums(implementation):
         return sampled(psi, key)
     return objective
 
   return {'sampled': sampled, 'exact': exact, 'loop': loop,
-          'sampled_loop': forced(losses._loop_pair_l1),
-          'sampled_matmul': forced(losses._matmul_pair_l1)}
+          **{f'sampled_{name}': forced(name) for name in PAIR_SUMS}}
+
+
+# The library's implementations of the 'sampled' pair sums (it picks one per platform).
+PAIR_SUMS = {'loop': '_loop_pair_l1', 'matmul': '_matmul_pair_l1'}
 
 
 @contextlib.contextmanager
-def _pair_l1_implementation(implementation):
+def pair_sums(name):
+  """Within the block, functions traced use the named 'sampled' pair-sum implementation."""
   original = losses._sampled_pair_l1
-  losses._sampled_pair_l1 = implementation
+  losses._sampled_pair_l1 = getattr(losses, PAIR_SUMS[name])
   try:
     yield
   finally:
@@ -153,7 +156,7 @@ def time_variant(name, objective, psi, key, *, repeats):
           'value': float(value)}
 
 
-VARIANTS = ('sampled', 'exact', 'loop', 'sampled_loop', 'sampled_matmul')
+VARIANTS = ('sampled', 'exact', 'loop', *(f'sampled_{name}' for name in PAIR_SUMS))
 
 
 def parse_args(argv):
@@ -218,7 +221,7 @@ def main(argv=None):
     print(f"{name:14s} {result['compile_s']:10.1f} {result['median_ms']:10.1f} "
           f"{result['min_ms']:10.1f} {result['cpu_median_ms']:10.1f} {ratio:>10s}")
   if baseline:
-    for name in ('loop', 'exact', 'sampled_loop', 'sampled_matmul'):
+    for name in VARIANTS[1:]:
       if name in results:
         print(f"{name}/sampled = {results[name]['median_ms'] / baseline['median_ms']:.2f} "
               f"(cpu time: "

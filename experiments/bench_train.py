@@ -16,6 +16,10 @@ steps of ce and of cgl back to back (interleaved, so load drifts on a shared mac
 the reported figure per step kind is the median over rounds. Target (issue 3): cgl time ≤ 1.10×
 the ce time.
 
+`--pair_sums=loop,matmul` adds one full CGL step kind per named implementation of the sampled
+pair sums in L_g (e.g. `cgl[matmul]`), forced instead of the one the library picks for the device
+(`experiments/bench_losses.py` lists them).
+
 `--breakdown` adds one step kind per active CGL term, cross-entropy + that term alone (e.g. `l_g`),
 to show where the cost of the full step comes from, and every kind's XLA cost estimate (GFLOP and
 GB accessed of the compiled step; loop bodies count once) is printed. `--clock=process` times
@@ -26,6 +30,7 @@ less noisy, best with single-threaded XLA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import runpy
@@ -38,6 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgl_jax import checkpoints, regularize, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_losses import PAIR_SUMS, pair_sums  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # name → (config file, variant)
@@ -112,15 +120,19 @@ def bench_model(name: str, args) -> dict:
   if args.breakdown:
     configs.update({term: ce_only(config, keep=(term,))
                     for term in regularize.active_terms(config.cgl)})
+  forced = {f'cgl[{name}]': name for name in args.pair_sums}
+  configs.update({kind: config for kind in forced})
   clock = CLOCKS[args.clock]
   runners, costs = {}, {}
   for kind, kind_config in configs.items():
     step, state, batch, key = build_step(kind_config)
     runners[kind] = dict(step=step, state=state, batch=batch, key=key)
     start = time.perf_counter()
-    if args.breakdown:
-      costs[kind] = cost_estimate(step, state, batch, key)
-    run_steps(runners[kind], 1)  # compile
+    # jit traces on the first call: force the pair sums there (and for the cost estimate).
+    with pair_sums(forced[kind]) if kind in forced else contextlib.nullcontext():
+      if args.breakdown:
+        costs[kind] = cost_estimate(step, state, batch, key)
+      run_steps(runners[kind], 1)  # compile
     print(f'  {name} {kind}: compiled in {time.perf_counter() - start:.1f} s' + (
         f'; XLA estimate {costs[kind]["gflops"]:.2f} GFLOP, {costs[kind]["gbytes"]:.3f} GB'
         if kind in costs else ''), flush=True)
@@ -159,8 +171,15 @@ def main(argv=None) -> int:
                       help='also time ce + each active CGL term alone; print XLA cost estimates')
   parser.add_argument('--clock', default='wall', choices=sorted(CLOCKS),
                       help='wall time, or this process\'s CPU time (less noisy on a shared machine)')
+  parser.add_argument('--pair_sums', default='',
+                      help=f'comma-separated, from {sorted(PAIR_SUMS)}: also time the full CGL '
+                      'step with these sampled-pair implementations forced')
   parser.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = parser.parse_args(argv)
+  args.pair_sums = [name.strip() for name in args.pair_sums.split(',') if name.strip()]
+  if sorted(set(args.pair_sums) - set(PAIR_SUMS)):
+    parser.error(f'unknown --pair_sums {sorted(set(args.pair_sums) - set(PAIR_SUMS))}; '
+                 f'choose from {sorted(PAIR_SUMS)}')
   names = [name.strip() for name in args.models.split(',') if name.strip()]
   unknown = [name for name in names if name not in MODELS]
   if unknown:
@@ -178,12 +197,13 @@ def main(argv=None) -> int:
     ips = result['images_per_second']
     print(f'{result["model"]:14s} {ips["ce"]:10.1f} {ips["cgl"]:10.1f} '
           f'{result["cgl_over_ce_time"]:12.3f}')
-  if args.breakdown:
-    print(f'\n{"model":14s} {"step":6s} {"ms/step":>9s} {"/ce time":>9s} {"GFLOP":>8s} {"GB":>7s}')
+  if args.breakdown or args.pair_sums:
+    print(f'\n{"model":14s} {"step":12s} {"ms/step":>9s} {"/ce time":>9s} {"GFLOP":>8s} {"GB":>7s}')
     for result in results:
       for kind, seconds in result['seconds_per_step'].items():
-        cost = result['xla_cost_estimate'][kind]
-        print(f'{result["model"]:14s} {kind:6s} {seconds * 1e3:9.1f} '
+        cost = result['xla_cost_estimate'].get(kind, {'gflops': float('nan'),
+                                                      'gbytes': float('nan')})
+        print(f'{result["model"]:14s} {kind:12s} {seconds * 1e3:9.3f} '
               f'{result["over_ce_time"][kind]:9.3f} {cost["gflops"]:8.2f} {cost["gbytes"]:7.3f}')
   if args.json:
     with open(args.json, 'w') as f:
