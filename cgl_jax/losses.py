@@ -360,8 +360,9 @@ def _matmul_pair_l1(maps: Array, pair_indices: Array) -> Array:
   a dense Σ_j W_ij·sign(m_i − m_j) backward, and 1.1 ms for that gather forward
   with this backward (experiments/bench_losses.py, experiments/README.md).
   The same matmuls on bf16 tensor cores with the operands split in three
-  (``DotAlgorithmPreset.BF16_BF16_F32_X6``, still exact here) took 0.7 ms alone
-  but changed the whole train step by under 2 %, either way.
+  (``DotAlgorithmPreset.BF16_BF16_F32_X6``, still exact here) took 0.7 ms at
+  this size but 1.06× the time at AlexNet's, and changed the whole train step
+  by under 2 %, either way; not adopted.
   """
   incidence = _pair_incidence(pair_indices, maps.shape[-1], maps.dtype)
   return jnp.sum(jnp.abs(_pair_differences(maps, incidence)), axis=1)
