@@ -384,6 +384,10 @@ _matmul_pair_l1 = jax.custom_vjp(_matmul_pair_l1)
 _matmul_pair_l1.defvjp(_matmul_pair_l1_fwd, _matmul_pair_l1_bwd)
 
 
+# The implementations of the 'sampled' pair sums, by name (tests and benchmarks force one).
+SAMPLED_PAIR_SUMS = {'loop': _loop_pair_l1, 'matmul': _matmul_pair_l1}
+
+
 def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: [B, HW, G, f] → [B, G, r].
 
@@ -391,8 +395,8 @@ def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   (`_matmul_pair_l1`) for GPU and TPU; chosen when lowering for the device, so
   one traced function serves both. They agree to float32 rounding.
   """
-  return lax.platform_dependent(maps, pair_indices, cpu=_loop_pair_l1,
-                                default=_matmul_pair_l1)
+  return lax.platform_dependent(maps, pair_indices, cpu=SAMPLED_PAIR_SUMS['loop'],
+                                default=SAMPLED_PAIR_SUMS['matmul'])
 
 
 def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:

@@ -105,14 +105,14 @@ def make_objectives(num_groups):
 
 
 # The library's implementations of the 'sampled' pair sums (it picks one per platform).
-PAIR_SUMS = {'loop': '_loop_pair_l1', 'matmul': '_matmul_pair_l1'}
+PAIR_SUMS = losses.SAMPLED_PAIR_SUMS
 
 
 @contextlib.contextmanager
 def pair_sums(name):
   """Within the block, functions traced use the named 'sampled' pair-sum implementation."""
   original = losses._sampled_pair_l1
-  losses._sampled_pair_l1 = getattr(losses, PAIR_SUMS[name])
+  losses._sampled_pair_l1 = PAIR_SUMS[name]
   try:
     yield
   finally:

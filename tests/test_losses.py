@@ -164,7 +164,11 @@ def _check_rev_grads(fn, *args):
     check_grads(jax.jit(fn), args, order=1, modes=['rev'], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('options', coherence_variants(2, 3), ids=variant_id)
+@pytest.mark.parametrize('options, pair_l1_implementation', [
+    (options, implementation) for options in coherence_variants(2, 3)
+    for implementation in (losses.SAMPLED_PAIR_SUMS if options['pairs'] == 'sampled' else ['loop'])
+], ids=lambda value: variant_id(value) if isinstance(value, dict) else value, indirect=[
+    'pair_l1_implementation'])  # 'exact' does not use the pair sums: run it once
 def test_group_coherence_gradient_matches_finite_differences(options, pair_l1_implementation):
   psi = uniform(4, (2, 3, 3, 7), 0.05, 0.95)
   _check_rev_grads(lambda x: losses.group_coherence(x, 2, **options), psi)
@@ -172,12 +176,9 @@ def test_group_coherence_gradient_matches_finite_differences(options, pair_l1_im
 
 # The two implementations of the 'sampled' pair sums: the CPU loop and the
 # GPU/TPU matmuls. Both run here (on the CPU) by patching the dispatcher.
-PAIR_L1_IMPLEMENTATIONS = {'loop': losses._loop_pair_l1, 'matmul': losses._matmul_pair_l1}
-
-
-@pytest.fixture(params=sorted(PAIR_L1_IMPLEMENTATIONS))
+@pytest.fixture(params=sorted(losses.SAMPLED_PAIR_SUMS))
 def pair_l1_implementation(request, monkeypatch):
-  monkeypatch.setattr(losses, '_sampled_pair_l1', PAIR_L1_IMPLEMENTATIONS[request.param])
+  monkeypatch.setattr(losses, '_sampled_pair_l1', losses.SAMPLED_PAIR_SUMS[request.param])
   return request.param
 
 
