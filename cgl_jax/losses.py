@@ -347,7 +347,7 @@ def _pair_differences(maps: Array, incidence: Array) -> Array:
 
 
 def _matmul_pair_l1(maps: Array, pair_indices: Array) -> Array:
-  """`_loop_pair_l1` as two matmuls with the pair incidence matrix (GPU, TPU).
+  """`_loop_pair_l1` as two matmuls with the pair incidence matrix (TPU, ROCm, float64 on CUDA).
 
   Forward: the differences of all r pairs in the native layout (no transpose),
   their absolute values summed over HW. Backward (custom VJP): the same
@@ -359,6 +359,9 @@ def _matmul_pair_l1(maps: Array, pair_indices: Array) -> Array:
   0.88 ms, against 7.5 ms for the loop, 1.8 ms for a fused gather forward with
   a dense Σ_j W_ij·sign(m_i − m_j) backward, and 1.1 ms for that gather forward
   with this backward (experiments/bench_losses.py, experiments/README.md).
+  On CUDA the Pallas kernels (`_pallas_pair_l1`) replaced them: on an H100 the
+  vjp of the pair sums alone takes 0.23 ms with the kernels against 0.49 ms with
+  these matmuls at this size, 0.13–0.14 against 0.14–0.20 ms at AlexNet's 13×13.
   The same matmuls on bf16 tensor cores with the operands split in three
   (``DotAlgorithmPreset.BF16_BF16_F32_X6``, still exact here) took 0.7 ms at
   this size but 1.06× the time at AlexNet's, and changed the whole train step
@@ -384,19 +387,31 @@ _matmul_pair_l1 = jax.custom_vjp(_matmul_pair_l1)
 _matmul_pair_l1.defvjp(_matmul_pair_l1_fwd, _matmul_pair_l1_bwd)
 
 
+def _pallas_pair_l1(maps: Array, pair_indices: Array) -> Array:
+  """`_loop_pair_l1` as two Pallas/Triton kernels (CUDA; float32): `cgl_jax.pallas_pair_l1`."""
+  from cgl_jax import pallas_pair_l1  # pylint: disable=g-import-not-at-top  (GPU only)
+  return pallas_pair_l1.pallas_pair_l1(maps, pair_indices)
+
+
 # The implementations of the 'sampled' pair sums, by name (tests and benchmarks force one).
-SAMPLED_PAIR_SUMS = {'loop': _loop_pair_l1, 'matmul': _matmul_pair_l1}
+SAMPLED_PAIR_SUMS = {'loop': _loop_pair_l1, 'matmul': _matmul_pair_l1, 'pallas': _pallas_pair_l1}
 
 
 def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: [B, HW, G, f] → [B, G, r].
 
-  The loop (`_loop_pair_l1`) when compiled for the CPU, the matmuls
-  (`_matmul_pair_l1`) for GPU and TPU; chosen when lowering for the device, so
-  one traced function serves both. They agree to float32 rounding.
+  The loop (`_loop_pair_l1`) when compiled for the CPU, the Pallas kernels
+  (`_pallas_pair_l1`) for a single CUDA GPU with float32 maps, the matmuls
+  (`_matmul_pair_l1`) otherwise (TPU, ROCm, float64, several devices); chosen
+  when lowering for the device, so one traced function serves all. They agree
+  to float32 rounding. Several devices get the matmuls because XLA partitions
+  them over a sharded batch, while the kernels have no partitioning rule yet
+  (XLA would gather the batch onto every device).
   """
+  single_cuda_kernel = maps.dtype == jnp.float32 and jax.device_count() == 1
+  cuda = 'pallas' if single_cuda_kernel else 'matmul'
   return lax.platform_dependent(maps, pair_indices, cpu=SAMPLED_PAIR_SUMS['loop'],
-                                default=SAMPLED_PAIR_SUMS['matmul'])
+                                cuda=SAMPLED_PAIR_SUMS[cuda], default=SAMPLED_PAIR_SUMS['matmul'])
 
 
 def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
@@ -472,7 +487,9 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
       O(B·H·W·G·r), with a custom (reverse-mode only) gradient. On the CPU a
       loop over the pairs: peak memory of value-and-grad ≈ 2·B·H·W·G·f values
       (the filter-major maps and their gradient), no per-pair intermediate. On
-      GPU/TPU two matmuls with the ±1 pair-incidence matrix (a loop there is
+      a single CUDA GPU (float32) two Pallas/Triton kernels over a filter-major
+      copy of the maps (`cgl_jax.pallas_pair_l1`), the same memory. On TPU,
+      ROCm, several devices or in float64 two matmuls with the ±1 pair-incidence matrix (a loop there is
       bound by launch latency): one transient ``[B, H·W, G, r]`` tensor,
       r/f times the size of ψ.
     'exact' (ours): all f·(f−1) ordered pairs. A ``lax.scan`` over the ⌊f/2⌋

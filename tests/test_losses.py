@@ -1,4 +1,5 @@
 """cgl_jax.losses: analytic values, gradients, numerical safety, dtypes, errors."""
+import functools
 import re
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from cgl_jax import losses
+from cgl_jax import pallas_pair_l1
 
 
 @pytest.fixture(params=[False, True], ids=['eager', 'jit'])
@@ -152,6 +154,20 @@ def test_soft_masks_bn_is_sigmoid_of_y_over_gamma(maybe_jit):
                              rtol=1e-6)
 
 
+def pair_sums_here(name):
+  """The named 'sampled' pair-sum implementation, runnable on this CPU.
+
+  The Pallas kernels run in Pallas' interpreter here; the GPU runs compile them
+  with Triton (experiments/README.md has the GPU checks).
+  """
+  if name == 'pallas':
+    return functools.partial(pallas_pair_l1.pallas_pair_l1, interpret=True)
+  return losses.SAMPLED_PAIR_SUMS[name]
+
+
+FLOAT64_PAIR_SUMS = sorted(set(losses.SAMPLED_PAIR_SUMS) - {'pallas'})
+
+
 # ----------------------------------------------------------------------------
 # Gradients (finite differences in float64).
 # ----------------------------------------------------------------------------
@@ -166,52 +182,69 @@ def _check_rev_grads(fn, *args):
 
 @pytest.mark.parametrize('options, pair_l1_implementation', [
     (options, implementation) for options in coherence_variants(2, 3)
-    for implementation in (losses.SAMPLED_PAIR_SUMS if options['pairs'] == 'sampled' else ['loop'])
+    # 'exact' does not use the pair sums: run it once. The Pallas kernels compute in
+    # float32, too coarse for float64 finite differences: the autodiff test below covers them.
+    for implementation in (FLOAT64_PAIR_SUMS if options['pairs'] == 'sampled' else ['loop'])
 ], ids=lambda value: variant_id(value) if isinstance(value, dict) else value, indirect=[
-    'pair_l1_implementation'])  # 'exact' does not use the pair sums: run it once
+    'pair_l1_implementation'])
 def test_group_coherence_gradient_matches_finite_differences(options, pair_l1_implementation):
   psi = uniform(4, (2, 3, 3, 7), 0.05, 0.95)
   _check_rev_grads(lambda x: losses.group_coherence(x, 2, **options), psi)
 
 
-# The two implementations of the 'sampled' pair sums: the CPU loop and the
-# GPU/TPU matmuls. Both run here (on the CPU) by patching the dispatcher.
+# The implementations of the 'sampled' pair sums: the CPU loop, the CUDA Pallas
+# kernels and the matmuls. All run here (on the CPU) by patching the dispatcher.
 @pytest.fixture(params=sorted(losses.SAMPLED_PAIR_SUMS))
 def pair_l1_implementation(request, monkeypatch):
-  monkeypatch.setattr(losses, '_sampled_pair_l1', losses.SAMPLED_PAIR_SUMS[request.param])
+  monkeypatch.setattr(losses, '_sampled_pair_l1', pair_sums_here(request.param))
   return request.param
 
 
-@pytest.mark.parametrize('platform, implementation', [
-    ('cpu', 'loop'), ('cuda', 'matmul'), ('rocm', 'matmul'), ('tpu', 'matmul')])
-def test_sampled_pair_sums_are_lowered_per_platform(platform, implementation):
-  """Value and gradient of the 'sampled' sums lower to the loop on CPU, the matmuls elsewhere.
+def _lowered_text(fn, platform, *args):
+  # The Triton custom call has no export compatibility guarantee; we only read the text.
+  triton = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+  # A fresh function each time: jit's trace cache must not reuse another case's trace.
+  return jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=[platform],
+                           disabled_checks=[triton])(*args).mlir_module()
 
-  jax.export lowers for a platform this machine does not have.
+
+@pytest.mark.parametrize('platform, dtype, devices, implementation', [
+    ('cpu', 'float32', 1, 'loop'), ('cuda', 'float32', 1, 'pallas'),
+    ('cuda', 'float64', 1, 'matmul'), ('cuda', 'float32', 8, 'matmul'),
+    ('rocm', 'float32', 1, 'matmul'), ('tpu', 'float32', 1, 'matmul')])
+def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, implementation,
+                                                    monkeypatch):
+  """Value and gradient of the 'sampled' sums lower to the implementation meant for the device.
+
+  jax.export lowers for a platform this machine does not have; the device count
+  is patched (several devices: the matmuls, which XLA partitions over the batch).
   """
-  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))  # [B, HW, G, f]
-  pairs = jnp.array([(0, 5), (5, 0), (2, 3)], jnp.int32)
-  for fn in (losses._sampled_pair_l1,
-             jax.grad(lambda m, p: jnp.sum(losses._sampled_pair_l1(m, p) ** 2))):
-    module = jax.export.export(jax.jit(fn), platforms=[platform])(maps, pairs).mlir_module()
-    assert ('stablehlo.while' in module) == (implementation == 'loop'), platform
-    assert ('stablehlo.dot_general' in module) == (implementation == 'matmul'), platform
+  monkeypatch.setattr(jax, 'device_count', lambda: devices)
+  with jax.enable_x64(dtype == 'float64'):
+    maps = jnp.asarray(uniform(12, (3, 20, 2, 6)), dtype)  # [B, HW, G, f]
+    pairs = jnp.array([(0, 5), (5, 0), (2, 3)], jnp.int32)
+    for fn in (losses._sampled_pair_l1,
+               jax.grad(lambda m, p: jnp.sum(losses._sampled_pair_l1(m, p) ** 2))):
+      module = _lowered_text(fn, platform, maps, pairs)
+      assert ('stablehlo.dot_general' in module) == (implementation == 'matmul'), platform
+      assert ('xla.gpu.triton' in module) == (implementation == 'pallas'), platform
+      if implementation != 'pallas':  # (jax 0.11's Pallas lowering has loops of its own)
+        assert ('stablehlo.while' in module) == (implementation == 'loop'), platform
 
 
-def test_sampled_pair_sum_implementations_agree_with_a_hand_computation():
+@pytest.mark.parametrize('implementation', sorted(losses.SAMPLED_PAIR_SUMS))
+def test_sampled_pair_sum_implementations_agree_with_a_hand_computation(implementation):
   maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))  # [B, HW, G, f]
   pairs = jnp.array([(0, 5), (5, 0), (2, 3), (2, 3), (4, 1)], jnp.int32)
-  loop, matmul = losses._loop_pair_l1(maps, pairs), losses._matmul_pair_l1(maps, pairs)
   by_hand = np.abs(np.asarray(maps)[..., [0, 5, 2, 2, 4]] - np.asarray(maps)[..., [5, 0, 3, 3, 1]]
                    ).sum(1)
-  np.testing.assert_allclose(loop, by_hand, rtol=1e-6)
-  np.testing.assert_allclose(matmul, by_hand, rtol=1e-6)
+  np.testing.assert_allclose(pair_sums_here(implementation)(maps, pairs), by_hand, rtol=1e-6)
 
 
 @pytest.mark.parametrize('reduction', losses.REDUCTIONS)
 def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction,
                                                                    pair_l1_implementation):
-  """The hand-written backward of 'sampled' (loop and matmul) = autodiff of D on gathered maps.
+  """The hand-written backward of 'sampled' (each implementation) = autodiff of D on gathered maps.
 
   With repeated pairs, both orders of a pair, and two tied filters (|p − q| has
   derivative sign(0) = 0 there, as for jnp.abs), where finite differences do not apply.

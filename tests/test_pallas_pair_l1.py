@@ -1,0 +1,93 @@
+"""cgl_jax.pallas_pair_l1: the CUDA kernels of L_g's pair sums, run in Pallas' interpreter here.
+
+The GPU runs (Triton-compiled) agree with the matmuls to float32 rounding; see
+experiments/README.md. Here the same kernel bodies run on the CPU interpreter
+against the CPU loop and a NumPy computation.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgl_jax import losses
+from cgl_jax import pallas_pair_l1
+
+interpreted = functools.partial(pallas_pair_l1.pallas_pair_l1, interpret=True)
+
+
+@pytest.fixture(params=[False, True], ids=['eager', 'jit'])
+def maybe_jit(request):
+  return jax.jit if request.param else (lambda fn: fn)
+
+
+def _maps(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).uniform(0, 1, shape).astype(np.float32))
+
+
+@pytest.mark.parametrize('shape, num_pairs', [
+    ((2, 12, 3, 5), 7),      # r not a multiple of PAIRS_PER_PROGRAM, HW below one chunk
+    ((2, 169, 2, 7), 16),    # AlexNet's 13×13: padded to 256 positions
+    ((2, 1030, 2, 4), 9),    # more than MAX_CHUNK positions: two chunks
+])
+def test_value_and_gradient_match_the_loop(shape, num_pairs, maybe_jit):
+  maps = _maps(0, shape)
+  pairs = losses.sample_pairs(jax.random.key(1), shape[-1], num_pairs)
+  cotangent = jax.random.normal(jax.random.key(2), (shape[0], shape[2], num_pairs))
+
+  def value_and_grad(pair_sums):
+    value, pullback = jax.vjp(lambda m: pair_sums(m, pairs), maps)
+    return value, pullback(cotangent)[0]
+
+  want_value, want_grad = value_and_grad(losses._loop_pair_l1)
+  got_value, got_grad = maybe_jit(lambda: value_and_grad(interpreted))()
+  assert got_value.shape == (shape[0], shape[2], num_pairs) and got_value.dtype == jnp.float32
+  np.testing.assert_allclose(got_value, want_value, rtol=2e-6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_matches_numpy_with_repeated_pairs_both_orders_and_ties():
+  maps = np.array(_maps(3, (2, 10, 2, 4)))
+  maps[..., 1] = maps[..., 0]  # filters 0 and 1 tie: |p − q| has derivative sign(0) = 0
+  pairs = np.array([(0, 1), (1, 0), (2, 3), (2, 3), (3, 0)], np.int32)
+  cotangent = np.random.default_rng(4).normal(size=(2, 2, 5)).astype(np.float32)
+  value, pullback = jax.vjp(lambda m: interpreted(m, jnp.asarray(pairs)), jnp.asarray(maps))
+  first, second = maps[..., pairs[:, 0]], maps[..., pairs[:, 1]]  # [B, HW, G, r]
+  np.testing.assert_allclose(value, np.abs(first - second).sum(1), rtol=1e-6)
+  slope = cotangent[:, None] * np.sign(first - second)  # [B, HW, G, r]
+  want = np.zeros_like(maps)
+  for k, (i, j) in enumerate(pairs):
+    want[..., i] += slope[..., k]
+    want[..., j] -= slope[..., k]
+  np.testing.assert_allclose(pullback(jnp.asarray(cotangent))[0], want, rtol=1e-6, atol=1e-7)
+
+
+def test_incidence_list_is_sorted_by_filter_and_covers_each_pair_twice():
+  pairs = jnp.array([(3, 0), (1, 3), (3, 0), (2, 1)], jnp.int32)
+  starts, other, pair = map(np.asarray, pallas_pair_l1._incidences(pairs, 5))
+  np.testing.assert_array_equal(starts, [0, 2, 4, 5, 8, 8])  # filter 4 has no pair
+  listed = {(filter_index, int(other[e]), int(pair[e]))
+            for filter_index in range(5) for e in range(starts[filter_index],
+                                                         starts[filter_index + 1])}
+  want = {(int(i), int(j), k) for k, (i, j) in enumerate(np.asarray(pairs))}
+  want |= {(j, i, k) for i, j, k in want}
+  assert listed == want and len(other) == 8
+
+
+def test_rejects_float64_maps():
+  with jax.enable_x64(True):
+    maps = jnp.zeros((1, 4, 1, 3), jnp.float64)
+    with pytest.raises(ValueError, match='float32; got maps of dtype float64'):
+      pallas_pair_l1.pallas_pair_l1(maps, jnp.array([(0, 1)], jnp.int32))
+
+
+def test_lowers_for_cuda_to_one_triton_kernel_each_way():
+  maps = jax.ShapeDtypeStruct((2, 20, 2, 6), jnp.float32)
+  pairs = jax.ShapeDtypeStruct((5, 2), jnp.int32)
+  triton = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+  grad = jax.grad(lambda m, p: jnp.sum(pallas_pair_l1.pallas_pair_l1(m, p) ** 2))
+  module = jax.export.export(jax.jit(grad), platforms=['cuda'], disabled_checks=[triton])(
+      maps, pairs).mlir_module()
+  assert module.count('@__gpu$xla.gpu.triton') == 2
+  assert 'name = "cgl_pair_l1_forward"' in module and 'name = "cgl_pair_l1_backward"' in module
