@@ -16,7 +16,7 @@ steps of ce and of cgl back to back (interleaved, so load drifts on a shared mac
 the reported figure per step kind is the median over rounds. Target (issue 3): cgl time ≤ 1.10×
 the ce time.
 
-`--pair_sums=loop,matmul` adds one full CGL step kind per named implementation of the sampled
+`--pair_sums=loop,matmul,pallas` adds one full CGL step kind per named implementation of the sampled
 pair sums in L_g (e.g. `cgl[matmul]`), forced instead of the one the library picks for the device
 (`experiments/bench_losses.py` lists them).
 
@@ -31,8 +31,11 @@ Measured (CGL / CE step time, batch 32; JSON in results/):
   2-core CPU, idle, 2 threads, wall clock (--repeats 5):  ShapesCNN 1.10, AlexNet 1.03;
   1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2):
     ShapesCNN 1.11 (R_bn alone 1.005, L_g 1.077, L_s 1.048), AlexNet 1.02;
-  H200 (--breakdown --repeats 5 --steps 20 --warmup 3): ShapesCNN 1.85 (0.72 → 1.33 ms;
-    R_bn 1.05, L_g 1.65, L_s 1.30), AlexNet 1.18 (1.80 → 2.12 ms).
+  H100 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), Pallas pair sums:
+    ShapesCNN 1.50 (0.82 → 1.23 ms; R_bn 1.02, L_g 1.31, L_s 1.28), AlexNet 1.14 (2.04 → 2.32 ms);
+    cgl[matmul] in the same run: ShapesCNN 1.84, AlexNet 1.15;
+  H200, earlier code with the matmul pair sums (--breakdown --repeats 5 --steps 20 --warmup 3):
+    ShapesCNN 1.85 (0.72 → 1.33 ms; R_bn 1.05, L_g 1.65, L_s 1.30), AlexNet 1.18 (1.80 → 2.12 ms).
 """
 from __future__ import annotations
 
