@@ -82,18 +82,32 @@ def _safe_divide(numerator: Array, denominator: Array) -> Array:
   return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
 
 
-def _vector_norm(x: Array, order: float, axis: Axis) -> Array:
-  """Safe ℓ_order norm (order >= 1 or inf) of x over `axis`."""
-  magnitude = jnp.abs(x)
-  if order == float('inf'):
-    return jnp.max(magnitude, axis=axis)
-  if order == 1:
-    return jnp.sum(magnitude, axis=axis)
+def _norm_powers(x: Array, order: float) -> Array:
+  """|x|^order element-wise (|x| for inf): the terms a norm accumulates."""
   if order == 2:
-    return _safe_sqrt(jnp.sum(jnp.square(x), axis=axis))
-  total = jnp.sum(magnitude**order, axis=axis)
+    return jnp.square(x)
+  magnitude = jnp.abs(x)
+  return magnitude if order in (1, float('inf')) else magnitude**order
+
+
+def _norm_accumulate(terms: Array, order: float, axis: Axis) -> Array:
+  """Sums (max for inf) the `_norm_powers` terms over `axis`."""
+  return jnp.max(terms, axis=axis) if order == float('inf') else jnp.sum(terms, axis=axis)
+
+
+def _norm_root(total: Array, order: float) -> Array:
+  """total^(1/order) with zero (not NaN/inf) gradient at total = 0."""
+  if order in (1, float('inf')):
+    return total
+  if order == 2:
+    return _safe_sqrt(total)
   positive = total > 0
   return jnp.where(positive, jnp.where(positive, total, 1)**(1.0 / order), 0)
+
+
+def _vector_norm(x: Array, order: float, axis: Axis) -> Array:
+  """Safe ℓ_order norm (order >= 1 or inf) of x over `axis`."""
+  return _norm_root(_norm_accumulate(_norm_powers(x, order), order, axis), order)
 
 
 def _check_norm_order(value: Any, name: str) -> None:
@@ -643,9 +657,15 @@ def _kernel_group_norms(kernel: Array, num_groups: int, p: float) -> Array:
                      f'[kh, kw, C_in, C_out]); got shape {tuple(jnp.shape(kernel))}.')
   channels = kernel.shape[-1]
   group_size = _group_size(channels, num_groups, name='kernel', shape=kernel.shape)
-  w = jnp.asarray(kernel)[..., :num_groups * group_size].astype(_compute_dtype(kernel))
-  grouped = w.reshape(-1, num_groups, group_size)  # [fan_in, G, f]
-  return _vector_norm(grouped, p, axis=(0, 2))
+  w = jnp.asarray(kernel).astype(_compute_dtype(kernel)).reshape(-1, channels)  # [fan_in, C_out]
+  # Per output channel first (a reduction over the leading axis, in the kernel's
+  # own layout), then over each group's f channels. Reducing [fan_in, G, f] over
+  # axes (0, 2) in one go had XLA's GPU backend build transposing fusions around
+  # the kernels; with this order R_bn alone costs 1.00× the ShapesCNN CE step on
+  # an H200, against 1.05× before (AlexNet: 1.03× against 1.04×).
+  per_channel = _norm_accumulate(_norm_powers(w, p), p, axis=0)  # [C_out]
+  grouped = per_channel[:num_groups * group_size].reshape(num_groups, group_size)
+  return _norm_root(_norm_accumulate(grouped, p, axis=1), p)
 
 
 def block_norm(kernel: Array, num_groups: int, *, p: float = 2,
