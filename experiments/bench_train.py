@@ -28,10 +28,15 @@ less noisy, best with single-threaded XLA
 (XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1').
 
 Measured (CGL / CE step time, batch 32; JSON in results/):
-  2-core CPU, idle, 2 threads, wall clock (--repeats 5):  ShapesCNN 1.10, AlexNet 1.03;
+  2-core CPU, idle, 2 threads, wall clock (--repeats 5): ShapesCNN 1.14 (an earlier run of the
+    same compiled step: 1.10), AlexNet 1.02 (1.03);
   1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2):
-    ShapesCNN 1.11 (R_bn alone 1.005, L_g 1.077, L_s 1.048), AlexNet 1.02;
-  H100 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), Pallas pair sums:
+    ShapesCNN 1.13 (R_bn alone 0.99, L_g 1.12, L_s 1.07; an earlier run: 1.11, with 1.005,
+    1.077, 1.048), AlexNet 1.02;
+  H200 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), this code: ShapesCNN
+    1.46 (0.73 → 1.06 ms; R_bn 1.00, L_g 1.29, L_s 1.25), cgl[matmul] 1.83; AlexNet (with 13×13
+    row chunks of 64 since reverted) 1.18, cgl[matmul] 1.16;
+  H100, same command, before the R_bn reordering, Pallas pair sums:
     ShapesCNN 1.50 (0.82 → 1.23 ms; R_bn 1.02, L_g 1.31, L_s 1.28), AlexNet 1.14 (2.04 → 2.32 ms);
     cgl[matmul] in the same run: ShapesCNN 1.84, AlexNet 1.15;
   H200, earlier code with the matmul pair sums (--breakdown --repeats 5 --steps 20 --warmup 3):
