@@ -22,6 +22,7 @@ Conventions:
 This module imports jax only (no flax, no TensorFlow, nothing else from cgl_jax)
 so other JAX projects can use it on its own.
 """
+import functools
 import numbers
 from typing import Any, Optional, Sequence, Union
 
@@ -401,10 +402,23 @@ _matmul_pair_l1 = jax.custom_vjp(_matmul_pair_l1)
 _matmul_pair_l1.defvjp(_matmul_pair_l1_fwd, _matmul_pair_l1_bwd)
 
 
+@functools.cache
+def _pallas_module():
+  """`cgl_jax.pallas_pair_l1`, or None where this jaxlib lacks Pallas' Triton bindings."""
+  try:
+    from cgl_jax import pallas_pair_l1  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return pallas_pair_l1
+
+
 def _pallas_pair_l1(maps: Array, pair_indices: Array) -> Array:
   """`_loop_pair_l1` as two Pallas/Triton kernels (CUDA; float32): `cgl_jax.pallas_pair_l1`."""
-  from cgl_jax import pallas_pair_l1  # pylint: disable=g-import-not-at-top  (GPU only)
-  return pallas_pair_l1.pallas_pair_l1(maps, pair_indices)
+  module = _pallas_module()
+  if module is None:
+    raise ImportError('the Pallas pair sums need jax.experimental.pallas.triton, which this '
+                      'jaxlib does not provide; use the loop or matmul pair sums.')
+  return module.pallas_pair_l1(maps, pair_indices)
 
 
 # The implementations of the 'sampled' pair sums, by name (tests and benchmarks force one).
@@ -422,7 +436,8 @@ def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   them over a sharded batch, while the kernels have no partitioning rule yet
   (XLA would gather the batch onto every device).
   """
-  single_cuda_kernel = maps.dtype == jnp.float32 and jax.device_count() == 1
+  single_cuda_kernel = (maps.dtype == jnp.float32 and jax.device_count() == 1
+                        and _pallas_module() is not None)
   cuda = 'pallas' if single_cuda_kernel else 'matmul'
   return lax.platform_dependent(maps, pair_indices, cpu=SAMPLED_PAIR_SUMS['loop'],
                                 cuda=SAMPLED_PAIR_SUMS[cuda], default=SAMPLED_PAIR_SUMS['matmul'])

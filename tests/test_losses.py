@@ -232,6 +232,16 @@ def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, im
         assert ('stablehlo.while' in module) == (implementation == 'loop'), platform
 
 
+def test_cuda_falls_back_to_the_matmuls_without_pallas(monkeypatch):
+  """A jaxlib without Pallas' Triton bindings still traces and lowers 'sampled' everywhere."""
+  monkeypatch.setattr(losses, '_pallas_module', lambda: None)
+  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))
+  pairs = jnp.array([(0, 5), (2, 3)], jnp.int32)
+  assert 'stablehlo.dot_general' in _lowered_text(losses._sampled_pair_l1, 'cuda', maps, pairs)
+  with pytest.raises(ImportError, match='need jax.experimental.pallas.triton'):
+    losses._pallas_pair_l1(maps, pairs)
+
+
 @pytest.mark.parametrize('implementation', sorted(losses.SAMPLED_PAIR_SUMS))
 def test_sampled_pair_sum_implementations_agree_with_a_hand_computation(implementation):
   maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))  # [B, HW, G, f]
