@@ -518,9 +518,9 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
       (the filter-major maps and their gradient), no per-pair intermediate. On
       a single CUDA GPU (float32) two Pallas/Triton kernels over a filter-major
       copy of the maps (`cgl_jax.pallas_pair_l1`), the same memory. On TPU,
-      ROCm, several devices or in float64 two matmuls with the ±1 pair-incidence matrix (a loop there is
-      bound by launch latency): one transient ``[B, H·W, G, r]`` tensor,
-      r/f times the size of ψ.
+      ROCm, several devices or in float64 two matmuls with the ±1
+      pair-incidence matrix (a loop there is bound by launch latency): one
+      transient ``[B, H·W, G, r]`` tensor, r/f times the size of ψ.
     'exact' (ours): all f·(f−1) ordered pairs. A ``lax.scan`` over the ⌊f/2⌋
       filter shifts (D is symmetric), each step rematerialised in the backward
       pass: time O(B·H·W·G·f²/2), peak memory of value-and-grad ≈ 3·B·H·W·G·f

@@ -3,9 +3,10 @@
     pair_l1[b, g, k] = Σ_hw |maps[b, hw, g, i_k] − maps[b, hw, g, j_k]|
 
 for r pairs (i_k, j_k) of the f filters of each of the G groups. This is the
-CUDA implementation behind `cgl_jax.losses.group_coherence(pairs='sampled')`;
-the CPU uses a loop over pairs and other accelerators two matmuls with the
-±1 pair-incidence matrix (see `losses._sampled_pair_l1`).
+implementation behind `cgl_jax.losses.group_coherence(pairs='sampled')` on a
+single CUDA GPU; the CPU uses a loop over pairs, and other accelerators, several
+devices and float64 two matmuls with the ±1 pair-incidence matrix (see
+`losses._sampled_pair_l1`).
 
 Why a kernel: the matmul form writes and reads an ``[B, HW, G, r]`` tensor of
 differences (r = 3f, so three times ψ) in each direction, and on a small
@@ -47,7 +48,8 @@ from jax.experimental.pallas import triton as pltriton
 Array = jax.Array
 
 MAX_CHUNK = 1024  # positions per loaded row chunk (a power of two)
-PAIRS_PER_PROGRAM = 8  # forward: pairs summed by one program (unrolled, for memory-level parallelism)
+# Forward: pairs summed by one program (unrolled, so their loads are in flight together).
+PAIRS_PER_PROGRAM = 8
 NUM_WARPS = 4
 
 

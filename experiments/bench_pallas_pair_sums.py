@@ -1,6 +1,6 @@
 r"""Benchmark (CUDA only): L_g's sampled pair sums, Pallas kernels vs the ±1 incidence matmuls.
 
-    python experiments/bench_pallas_pair_sums.py                 # sizes below, the library's settings
+    python experiments/bench_pallas_pair_sums.py     # the sizes below, the library's settings
     python experiments/bench_pallas_pair_sums.py --settings=8x4,16x4,4x4,8x2,8x8
 
 Times the vjp (forward + backward) of `cgl_jax.pallas_pair_l1.pallas_pair_l1` and of
@@ -51,8 +51,9 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--groups', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=30)
-  parser.add_argument('--settings', default=f'{pallas_pair_l1.PAIRS_PER_PROGRAM}x'
-                      f'{pallas_pair_l1.NUM_WARPS}', help='PAIRS_PER_PROGRAMxNUM_WARPS, comma-separated')
+  parser.add_argument('--settings',
+                      default=f'{pallas_pair_l1.PAIRS_PER_PROGRAM}x{pallas_pair_l1.NUM_WARPS}',
+                      help='PAIRS_PER_PROGRAMxNUM_WARPS, comma-separated')
   args = parser.parse_args()
   if jax.default_backend() != 'gpu':
     raise SystemExit(f'bench_pallas_pair_sums.py needs a CUDA GPU; the default backend is '
@@ -66,8 +67,10 @@ def main():
     pairs = losses.sample_pairs(jax.random.key(1), group_size, num_pairs)
     cotangent = jax.random.normal(jax.random.key(2), (args.batch, args.groups, num_pairs))
     reference = jax.jit(vjp_of(losses._matmul_pair_l1))(maps, pairs, cotangent)
+    matmul_ms = median_ms(vjp_of(losses._matmul_pair_l1), maps, pairs, cotangent,
+                          repeats=args.repeats)
     line = (f'[{args.batch}, {positions}, {args.groups}, {group_size}] r={num_pairs}: matmul '
-            f'{median_ms(vjp_of(losses._matmul_pair_l1), maps, pairs, cotangent, repeats=args.repeats):.3f} ms')
+            f'{matmul_ms:.3f} ms')
     for per_program, warps in settings:
       pallas_pair_l1.PAIRS_PER_PROGRAM, pallas_pair_l1.NUM_WARPS = per_program, warps
       got = jax.jit(vjp_of(pallas_pair_l1.pallas_pair_l1))(maps, pairs, cotangent)
