@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +31,12 @@ def run_python(code: str, *, num_devices: int = 1, timeout: float = 600, env=Non
       f"subprocess failed (rc={proc.returncode})\nstdout:\n{proc.stdout[-4000:]}"
       f"\nstderr:\n{proc.stderr[-8000:]}")
   return proc
+
+
+@pytest.fixture(params=[False, True], ids=['eager', 'jit'])
+def maybe_jit(request):
+  """Runs a test with and without jax.jit (the loss modules' tests use both)."""
+  return jax.jit if request.param else (lambda fn: fn)
 
 
 @pytest.fixture

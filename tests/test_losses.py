@@ -12,11 +12,6 @@ from cgl_jax import losses
 from cgl_jax import pallas_pair_l1
 
 
-@pytest.fixture(params=[False, True], ids=['eager', 'jit'])
-def maybe_jit(request):
-  return jax.jit if request.param else (lambda fn: fn)
-
-
 def uniform(seed, shape, low=0.0, high=1.0):
   return np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32)
 

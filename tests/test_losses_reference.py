@@ -21,11 +21,6 @@ def random_psi(seed, shape=SHAPE):
   return np.random.default_rng(seed).uniform(0.0, 1.0, shape).astype(np.float32)
 
 
-@pytest.fixture(params=[False, True], ids=['eager', 'jit'])
-def maybe_jit(request):
-  return jax.jit if request.param else (lambda fn: fn)
-
-
 def test_soft_masks(maybe_jit):
   preact = np.random.default_rng(0).normal(0.3, 2.0, SHAPE).astype(np.float32)
   got = maybe_jit(lambda a: losses.soft_masks(a, scale=1.5, shift=-0.2))(preact)

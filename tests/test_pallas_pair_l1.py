@@ -17,11 +17,6 @@ from cgl_jax import pallas_pair_l1
 interpreted = functools.partial(pallas_pair_l1.pallas_pair_l1, interpret=True)
 
 
-@pytest.fixture(params=[False, True], ids=['eager', 'jit'])
-def maybe_jit(request):
-  return jax.jit if request.param else (lambda fn: fn)
-
-
 def _maps(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).uniform(0, 1, shape).astype(np.float32))
 
