@@ -51,6 +51,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_atomic  # pylint: disable=g-import-not-at-top
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -257,11 +260,10 @@ def main(argv=None):
         f'{large["reference_peak_mb"] - small["reference_peak_mb"]:+.1f} MB (its memmaps: '
         f'{runs["reference", large["images"]][-1]["memmap_mb"]:.1f} MB)')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'argv': argv, 'device': runs['ours', sizes[0]][-1]['device'], 'table': table,
-                 'runs': {f'{role}@{size}': [{k: v for k, v in r.items() if k != 'iou'}
-                                             for r in rs] for (role, size), rs in runs.items()}},
-                f, indent=1)
+    write_json_atomic(args.json, {
+        'argv': argv, 'device': runs['ours', sizes[0]][-1]['device'], 'table': table,
+        'runs': {f'{role}@{size}': [{k: v for k, v in r.items() if k != 'iou'} for r in rs]
+                 for (role, size), rs in runs.items()}}, indent=1)
     print(f'wrote {args.json}')
 
 

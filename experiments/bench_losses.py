@@ -29,7 +29,7 @@ table reports the median over repeats and the ratios to 'sampled'.
 """
 import argparse
 import contextlib
-import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from cgl_jax import losses
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_atomic  # pylint: disable=g-import-not-at-top
 
 
 # ----------------------------------------------------------------------------
@@ -228,10 +231,10 @@ def main(argv=None):
               f"{results[name]['cpu_median_ms'] / baseline['cpu_median_ms']:.2f})")
 
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'shape': list(shape), 'groups': args.groups, 'repeats': args.repeats,
-                 'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
-                 'jax': jax.__version__, 'results': results}, f, indent=2)
+    write_json_atomic(args.json, {
+        'shape': list(shape), 'groups': args.groups, 'repeats': args.repeats,
+        'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+        'jax': jax.__version__, 'results': results})
     print(f'wrote {args.json}')
   return 0
 

@@ -34,10 +34,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_atomic, write_text_atomic  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ('baseline', 'rbn', 'cgl')
@@ -128,14 +130,6 @@ def final_eval_metrics(workdir: str) -> dict[str, float]:
       'step': max(step for step, _ in latest.values())}
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(payload, f, indent=1)
-  os.replace(tmp, path)
-
-
 def execute(run: Run, *, data_dir: str | None) -> dict[str, Any]:
   """Trains + dissects `run` (resuming if interrupted) unless done; returns its record."""
   record = run.record()
@@ -160,7 +154,7 @@ def execute(run: Run, *, data_dir: str | None) -> dict[str, Any]:
       'layers': {layer: dissection['layers'][layer]['detectors'] for layer in LAYERS},
       'seconds': round(time.perf_counter() - start, 1),
   }
-  write_json_atomic(run.record_path, record)
+  write_json_atomic(run.record_path, record, indent=1)
   return record
 
 
@@ -414,11 +408,7 @@ def write_report(args, *, sweep_baseline, sweep_rows, chosen, main_records, c45_
             f'Concept groups (paper Fig. 4 analogue; bubble size = detectors of the dominant '
             f'concept, colour = β_gl): [CGL]({rel}/concept_groups_cgl.png), '
             f'[weight decay]({rel}/concept_groups_baseline.png)', '']
-  os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-  tmp = args.results + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write('\n'.join(lines))
-  os.replace(tmp, args.results)
+  write_text_atomic(args.results, '\n'.join(lines))
   print('\n'.join(lines))
   print(f'\nwrote {args.results} and figures in {args.figures}')
 
