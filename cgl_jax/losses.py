@@ -297,27 +297,59 @@ def _filter_major_pair_l1_fwd(maps, pair_indices):
   return _filter_major_pair_l1(maps, pair_indices), (maps, pair_indices)
 
 
-def _filter_major_pair_l1_bwd(residuals, cotangent):
-  """∂/∂maps[i] += c·sign(maps[i] − maps[j]), ∂/∂maps[j] −= the same, pair by pair.
+def _pair_incidences(pair_indices: Array, num_filters: int):
+  """The pairs as a filter-sorted incidence list, for backward passes that visit filters in turn.
 
-  One loop step per pair, adding its two ``[..., N]`` slices into the gradient
-  in place; sign(0) = 0 as for ``jnp.abs``'s derivative.
+  Pair k = (i, j) gives two incidences, (owner i, other j, pair k) and (owner j,
+  other i, pair k), sorted by owner with a stable sort: within a filter, the pairs
+  where it is first, then those where it is second, each in pair order.
+
+  Args:
+    pair_indices: int ``[r, 2]`` pairs (i, j) of filter indices in ``[0, f)``.
+    num_filters: f.
+
+  Returns:
+    ``(starts, owner, other, pair)``: int32 ``[f + 1]`` where filter f's incidences
+    are ``starts[f]:starts[f + 1]``, and int32 ``[2r]`` owner filter, other filter
+    and pair index of each incidence.
+  """
+  num_pairs = pair_indices.shape[0]
+  pair_indices = jnp.asarray(pair_indices).astype(jnp.int32)
+  owner = jnp.concatenate([pair_indices[:, 0], pair_indices[:, 1]])
+  other = jnp.concatenate([pair_indices[:, 1], pair_indices[:, 0]])
+  pair = jnp.concatenate([jnp.arange(num_pairs, dtype=jnp.int32)] * 2)
+  order = jnp.argsort(owner, stable=True)
+  # Counts by comparison, not jnp.searchsorted: its while loop added ~0.1 ms per
+  # call on an H100; this is one small fusion.
+  counts = jnp.sum(owner[:, None] == jnp.arange(num_filters, dtype=jnp.int32), axis=0)
+  starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+  return starts, owner[order], other[order], pair[order]
+
+
+def _filter_major_pair_l1_bwd(residuals, cotangent):
+  """∂/∂maps[f] = Σ over f's incidences (f, o, k) of c_k·sign(maps[f] − maps[o]).
+
+  For pair k = (i, j) that is c_k·sign(m_i − m_j) into filter i and −c_k·sign(m_i −
+  m_j) = c_k·sign(m_j − m_i) into filter j; sign(0) = 0 as for ``jnp.abs``'s
+  derivative. One loop step per incidence (2r), in filter order
+  (`_pair_incidences`): consecutive steps add into the same gradient row and read
+  the same own row, which stay in cache, so each step streams only the other
+  filter's row. On the CPU (2 cores, ShapesCNN conv2) this took the CGL train
+  step from 1.112 to 1.101× the cross-entropy step against the loop over pairs
+  (which read both rows and updated both gradient rows per pair); the summation
+  order per filter is fixed, so results stay deterministic.
   """
   maps, pair_indices = residuals
   filter_axis = maps.ndim - 2
+  _, owner, other, pair = _pair_incidences(pair_indices, maps.shape[filter_axis])
 
-  def add_at(grad, index, update):
-    # One single-index update per filter: one scatter of both rows was 5x slower on CPU.
-    return grad.at[(slice(None),) * filter_axis + (index,)].add(update)
+  def incidence_step(m, grad):
+    own = lax.dynamic_index_in_dim(maps, owner[m], filter_axis, keepdims=False)
+    partner = lax.dynamic_index_in_dim(maps, other[m], filter_axis, keepdims=False)
+    slope = cotangent[pair[m]][..., None] * jnp.sign(own - partner)
+    return grad.at[(slice(None),) * filter_axis + (owner[m],)].add(slope)
 
-  def pair_step(k, grad):
-    first = lax.dynamic_index_in_dim(maps, pair_indices[k, 0], filter_axis, keepdims=False)
-    second = lax.dynamic_index_in_dim(maps, pair_indices[k, 1], filter_axis, keepdims=False)
-    slope = cotangent[k][..., None] * jnp.sign(first - second)
-    grad = add_at(grad, pair_indices[k, 0], slope)
-    return add_at(grad, pair_indices[k, 1], -slope)
-
-  grad = lax.fori_loop(0, pair_indices.shape[0], pair_step,
+  grad = lax.fori_loop(0, owner.shape[0], incidence_step,
                        _zeros_varying_like(maps, maps.shape))
   return grad, None
 
@@ -333,9 +365,9 @@ def _loop_pair_l1(maps: Array, pair_indices: Array) -> Array:
 
   The maps are laid out ``[B, G, f, HW]`` (one batched 2-D transpose of each
   image's ``[HW, C]``, which XLA fuses into the producer of ψ; the 4-D
-  permutation to ``[f, B, G, HW]`` took four times as long) and the pairs
-  visited one by one (`_filter_major_pair_l1`): memory traffic ≈ 2·r slices of
-  B·G·HW values in each pass and no per-pair intermediate. The one-hot matmul of
+  permutation to ``[f, B, G, HW]`` took four times as long); the forward pass
+  visits the pairs one by one and the backward pass the filters' incidences
+  (`_filter_major_pair_l1`): no per-pair intermediate. The one-hot matmul of
   `_matmul_pair_l1` does f/2 times the arithmetic of a difference and writes
   B·HW·G·r differences forward and backward: at B = 32, 32×32, G = 5, f = 51,
   r = 153 its value-and-grad took 223 ms of one CPU thread, the loop 119 ms.

@@ -35,7 +35,7 @@ sums, B = 32, G = 5, r = 3f): 0.23 ms against 0.49 ms for the matmuls at
 13×13 (AlexNet conv4/conv5). The whole ShapesCNN CGL train step went from
 1.84× to 1.50× the cross-entropy step.
 
-This module imports jax only (Pallas is part of jax).
+This module imports jax (Pallas is part of jax) and `cgl_jax.losses` only.
 """
 import functools
 
@@ -44,6 +44,8 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from cgl_jax import losses
 
 Array = jax.Array
 
@@ -119,20 +121,6 @@ def _pad_to(x: Array, length: int) -> Array:
   return jnp.pad(x, (0, length - x.shape[0]))
 
 
-def _incidences(pair_indices: Array, group_size: int):
-  """Filter-sorted incidence list: starts [f + 1], other filter [2r], pair index [2r]."""
-  num_pairs = pair_indices.shape[0]
-  owner = jnp.concatenate([pair_indices[:, 0], pair_indices[:, 1]])
-  other = jnp.concatenate([pair_indices[:, 1], pair_indices[:, 0]])
-  pair = jnp.concatenate([jnp.arange(num_pairs, dtype=jnp.int32)] * 2)
-  order = jnp.argsort(owner, stable=True)
-  # Counts by comparison, not jnp.searchsorted: its while loop added ~0.1 ms per
-  # call on an H100; this is one small fusion.
-  counts = jnp.sum(owner[:, None] == jnp.arange(group_size, dtype=owner.dtype), axis=0)
-  starts = jnp.concatenate([jnp.zeros(1, counts.dtype), jnp.cumsum(counts)])
-  return starts.astype(jnp.int32), other[order].astype(jnp.int32), pair[order]
-
-
 def _pair_l1(interpret: bool, maps: Array, pair_indices: Array) -> Array:
   return _pair_l1_fwd(interpret, maps, pair_indices)[0]
 
@@ -169,7 +157,7 @@ def _pair_l1_bwd(interpret: bool, residuals, cotangent):
   num_pairs = pair_indices.shape[0]
   chunk = _chunk_size(positions)
   num_chunks = rows.shape[1] // chunk
-  starts, other, pair = _incidences(pair_indices, group_size)
+  starts, _, other, pair = losses._pair_incidences(pair_indices, group_size)
   kernel = functools.partial(_backward_kernel, groups=groups, group_size=group_size,
                              num_pairs=num_pairs, num_chunks=num_chunks, chunk=chunk)
   any_space = pl.BlockSpec(memory_space=pl.ANY)
