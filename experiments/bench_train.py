@@ -27,13 +27,16 @@ with this process's CPU time instead of wall time: on a machine shared with othe
 less noisy, best with single-threaded XLA
 (XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1').
 
-Measured (CGL / CE step time, batch 32; JSON in results/):
-  2-core CPU, idle, 2 threads, wall clock (--repeats 5): ShapesCNN 1.14 (an earlier run of the
-    same compiled step: 1.10), AlexNet 1.02 (1.03);
-  1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2):
-    ShapesCNN 1.13 (R_bn alone 0.99, L_g 1.12, L_s 1.07; an earlier run: 1.11, with 1.005,
-    1.077, 1.048), AlexNet 1.02;
-  H200 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), this code: ShapesCNN
+Measured (CGL / CE step time, batch 32; JSON in results/). Each round times ce and cgl back to
+back, so the per-round ratio's range is printed too: on this shared machine it spans ±5 %.
+  2-core CPU, 2 threads, wall clock (--repeats 9), this code (L_g's backward walks filters):
+    ShapesCNN 1.13, rounds 1.06–1.18 (in one 15-round A/B run, kinds in shuffled order, with the
+    old backward over pairs patched in: 1.101 vs 1.112); AlexNet 1.02, rounds 1.01–1.04;
+  1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2), this code:
+    ShapesCNN 1.11, rounds 1.07–1.17 (R_bn alone 0.99, L_g 1.06, L_s 1.04; the loop over pairs:
+    1.11–1.13 with L_g 1.08–1.12), AlexNet 1.03;
+  H200 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), Pallas pair sums (the GPU
+    path is unchanged since): ShapesCNN
     1.46 (0.73 → 1.06 ms; R_bn 1.00, L_g 1.29, L_s 1.25), cgl[matmul] 1.83; AlexNet (with 13×13
     row chunks of 64 since reverted) 1.18, cgl[matmul] 1.16;
   H100, same command, before the R_bn reordering, Pallas pair sums:
