@@ -545,8 +545,9 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
     'sampled' (paper and code): ``num_pairs`` (default 3·f) ordered pairs drawn
       uniformly from ``key`` with `sample_pairs`, the same pairs for every group
       (as in the authors' code); or the explicit ``pair_indices``. Time
-      O(B·H·W·G·r), with a custom (reverse-mode only) gradient. On the CPU a
-      loop over the pairs: peak memory of value-and-grad ≈ 2·B·H·W·G·f values
+      O(B·H·W·G·r), with a custom (reverse-mode only) gradient. On the CPU
+      loops over the pairs (forward) and over their filter incidences
+      (backward): peak memory of value-and-grad ≈ 2·B·H·W·G·f values
       (the filter-major maps and their gradient), no per-pair intermediate. On
       a single CUDA GPU (float32) two Pallas/Triton kernels over a filter-major
       copy of the maps (`cgl_jax.pallas_pair_l1`), the same memory. On TPU,

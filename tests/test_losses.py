@@ -237,6 +237,21 @@ def test_cuda_falls_back_to_the_matmuls_without_pallas(monkeypatch):
     losses._pallas_pair_l1(maps, pairs)
 
 
+def test_incidence_list_is_sorted_by_filter_and_covers_each_pair_twice():
+  pairs = jnp.array([(3, 0), (1, 3), (3, 0), (2, 1)], jnp.int32)
+  starts, owner, other, pair = map(np.asarray, losses._pair_incidences(pairs, 5))
+  np.testing.assert_array_equal(starts, [0, 2, 4, 5, 8, 8])  # filter 4 has no pair
+  listed = {(filter_index, int(other[e]), int(pair[e]))
+            for filter_index in range(5) for e in range(starts[filter_index],
+                                                         starts[filter_index + 1])}
+  want = {(int(i), int(j), k) for k, (i, j) in enumerate(np.asarray(pairs))}
+  want |= {(j, i, k) for i, j, k in want}
+  assert listed == want and len(other) == 8
+  np.testing.assert_array_equal(owner, [0, 0, 1, 1, 2, 3, 3, 3])
+  # Stable: within a filter, the pairs where it is first, then those where it is second.
+  np.testing.assert_array_equal(pair, [0, 2, 1, 3, 3, 0, 2, 1])
+
+
 @pytest.mark.parametrize('implementation', sorted(losses.SAMPLED_PAIR_SUMS))
 def test_sampled_pair_sum_implementations_agree_with_a_hand_computation(implementation):
   maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))  # [B, HW, G, f]

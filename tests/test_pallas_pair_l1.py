@@ -58,21 +58,6 @@ def test_matches_numpy_with_repeated_pairs_both_orders_and_ties():
   np.testing.assert_allclose(pullback(jnp.asarray(cotangent))[0], want, rtol=1e-6, atol=1e-7)
 
 
-def test_incidence_list_is_sorted_by_filter_and_covers_each_pair_twice():
-  pairs = jnp.array([(3, 0), (1, 3), (3, 0), (2, 1)], jnp.int32)
-  starts, owner, other, pair = map(np.asarray, losses._pair_incidences(pairs, 5))
-  np.testing.assert_array_equal(starts, [0, 2, 4, 5, 8, 8])  # filter 4 has no pair
-  listed = {(filter_index, int(other[e]), int(pair[e]))
-            for filter_index in range(5) for e in range(starts[filter_index],
-                                                         starts[filter_index + 1])}
-  want = {(int(i), int(j), k) for k, (i, j) in enumerate(np.asarray(pairs))}
-  want |= {(j, i, k) for i, j, k in want}
-  assert listed == want and len(other) == 8
-  np.testing.assert_array_equal(owner, [0, 0, 1, 1, 2, 3, 3, 3])
-  # Stable: within a filter, the pairs where it is first, then those where it is second.
-  np.testing.assert_array_equal(pair, [0, 2, 1, 3, 3, 0, 2, 1])
-
-
 def test_rejects_float64_maps():
   with jax.enable_x64(True):
     maps = jnp.zeros((1, 4, 1, 3), jnp.float64)
