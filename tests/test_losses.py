@@ -237,6 +237,19 @@ def test_cuda_falls_back_to_the_matmuls_without_pallas(monkeypatch):
     losses._pallas_pair_l1(maps, pairs)
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_identity_outside_ynnpack_is_exact_for_every_value(dtype, maybe_jit):
+  info = np.finfo(dtype)
+  rng = np.random.default_rng(0)
+  exponents = rng.integers(info.minexp // 4, info.maxexp // 4, 500)  # decimal ~ binary / 3.3
+  values = (rng.normal(size=500) * 10.0 ** exponents).astype(dtype)
+  values = np.concatenate([values, np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, info.tiny,
+                                             info.smallest_subnormal, info.max], dtype)])
+  with jax.enable_x64(dtype == 'float64'):
+    x = jnp.asarray(values, dtype)
+    np.testing.assert_array_equal(maybe_jit(losses._identity_outside_ynnpack)(x), x)
+
+
 def test_incidence_list_is_sorted_by_filter_and_covers_each_pair_twice():
   pairs = jnp.array([(3, 0), (1, 3), (3, 0), (2, 1)], jnp.int32)
   starts, owner, other, pair = map(np.asarray, losses._pair_incidences(pairs, 5))
