@@ -29,12 +29,14 @@ less noisy, best with single-threaded XLA
 
 Measured (CGL / CE step time, batch 32; JSON in results/). Each round times ce and cgl back to
 back, so the per-round ratio's range is printed too: on this shared machine it spans ±5 %.
-  2-core CPU, 2 threads, wall clock (--repeats 9), this code (L_g's backward walks filters):
-    ShapesCNN 1.13, rounds 1.06–1.18 (in one 15-round A/B run, kinds in shuffled order, with the
-    old backward over pairs patched in: 1.101 vs 1.112); AlexNet 1.02, rounds 1.01–1.04;
+  2-core CPU, 2 threads, wall clock (--repeats 9), this code (L_g's CPU backward walks filters,
+    its forward is one fused pass per pair): ShapesCNN 1.10, rounds 1.07–1.15 (1.13, rounds
+    1.06–1.18, with the walk alone; A/B runs within one process, kinds in shuffled order: loop over
+    pairs 1.112 → walk 1.101; walk → walk + fused forward −10 to −23 ms); AlexNet 1.03;
   1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2), this code:
-    ShapesCNN 1.11, rounds 1.07–1.17 (R_bn alone 0.99, L_g 1.06, L_s 1.04; the loop over pairs:
-    1.11–1.13 with L_g 1.08–1.12), AlexNet 1.03;
+    ShapesCNN 1.12, rounds 1.09–1.13 (R_bn alone 1.02, L_g 1.10, L_s 1.05); walk alone 1.11 (0.99,
+    1.06, 1.04); loop over pairs 1.11–1.13 (L_g 1.08–1.12); AlexNet 1.02–1.04. R_bn alone adds no
+    measurable work, so its 0.99–1.02 shows this machine's run-to-run noise;
   H200 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), Pallas pair sums (the GPU
     path is unchanged since): ShapesCNN
     1.46 (0.73 → 1.06 ms; R_bn 1.00, L_g 1.29, L_s 1.25), cgl[matmul] 1.83; AlexNet (with 13×13
