@@ -3,9 +3,9 @@
 Data: the locally generated `cgl_shapes/binary_tiny` (360 train / 90 validation images, built once
 per module into a temp data_dir) through the real input pipeline, and mocked cifar10
 (`tfds.testing.mock_data`) for the end-to-end test. tfds' mock also redirects the epath file
-operations orbax uses, which breaks orbax's background commits, so under the mock the
-checkpoints are written synchronously (`config.async_checkpoints=False`); everything else uses
-the production (asynchronous) path.
+operations orbax uses, which breaks orbax's background work, so under the mock the checkpoints
+are written synchronously (`config.async_checkpoints=False`) and the test waits for the manager's
+start-up clean-up (`_settled_manager`); everything else uses the production (asynchronous) path.
 
 One uninterrupted 6-step run (module fixture) is the reference that the resumed, the killed and
 restarted, and (for 2 steps) the 8-device runs must reproduce.
@@ -139,8 +139,24 @@ def straight_run(tmp_path_factory, data_dir):
   return flat_params(state.params)
 
 
-def test_end_to_end_on_mock_cifar10_logs_every_term_and_checkpoints(tmp_path):
+def _settled_manager(create_manager):
+  """`checkpoints.create_manager` that returns once orbax's start-up clean-up has finished.
+
+  The manager lists its directory for stale temporary checkpoints in a background thread. While
+  tfds' mock builds a dataset it re-roots every epath call of the process (`MockFs`), so a listing
+  that lands in that window fails on a path that does not exist (a flaky FileNotFoundError at the
+  first save). Production code has no such window.
+  """
+  def create(*args, **kwargs):
+    manager = create_manager(*args, **kwargs)
+    manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access (orbax 0.12)
+    return manager
+  return create
+
+
+def test_end_to_end_on_mock_cifar10_logs_every_term_and_checkpoints(tmp_path, monkeypatch):
   config = mock_cifar_config(**{'cgl.learn_p': True})
+  monkeypatch.setattr(checkpoints, 'create_manager', _settled_manager(checkpoints.create_manager))
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 3
