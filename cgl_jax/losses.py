@@ -374,22 +374,52 @@ _filter_major_pair_l1 = jax.custom_vjp(_filter_major_pair_l1)
 _filter_major_pair_l1.defvjp(_filter_major_pair_l1_fwd, _filter_major_pair_l1_bwd)
 
 
+def _filter_major(maps: Array) -> Array:
+  """``[B, HW, G, f]`` → ``[B, G, f, HW]``: each filter's map one contiguous row.
+
+  One batched 2-D transpose of each image's ``[HW, C]``, which XLA fuses into the
+  producer of ψ; the 4-D permutation to ``[f, B, G, HW]`` took four times as long.
+  """
+  batch, positions, groups, group_size = maps.shape
+  return maps.reshape(batch, positions, groups * group_size).transpose(0, 2, 1).reshape(
+      batch, groups, group_size, positions)
+
+
 def _loop_pair_l1(maps: Array, pair_indices: Array) -> Array:
   """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: [B, HW, G, f] → [B, G, r] (CPU).
 
-  The maps are laid out ``[B, G, f, HW]`` (one batched 2-D transpose of each
-  image's ``[HW, C]``, which XLA fuses into the producer of ψ; the 4-D
-  permutation to ``[f, B, G, HW]`` took four times as long); the forward pass
-  visits the pairs one by one and the backward pass the filters' incidences
+  Over the filter-major maps (`_filter_major`), the forward pass visits the
+  pairs one by one and the backward pass the filters' incidences
   (`_filter_major_pair_l1`): no per-pair intermediate. The one-hot matmul of
   `_matmul_pair_l1` does f/2 times the arithmetic of a difference and writes
   B·HW·G·r differences forward and backward: at B = 32, 32×32, G = 5, f = 51,
   r = 153 its value-and-grad took 223 ms of one CPU thread, the loop 119 ms.
+  The C++ kernel (`_cpu_kernel_pair_l1`) replaced this loop where it builds.
   """
-  batch, positions, groups, group_size = maps.shape
-  filter_major = maps.reshape(batch, positions, groups * group_size).transpose(0, 2, 1).reshape(
-      batch, groups, group_size, positions)
-  return jnp.moveaxis(_filter_major_pair_l1(filter_major, pair_indices), 0, -1)
+  return jnp.moveaxis(_filter_major_pair_l1(_filter_major(maps), pair_indices), 0, -1)
+
+
+@functools.cache
+def _cpu_kernel_module():
+  """`cgl_jax.cpu_pair_l1` if its C++ kernel builds and loads here, else None."""
+  from cgl_jax import cpu_pair_l1  # pylint: disable=g-import-not-at-top
+  return cpu_pair_l1 if cpu_pair_l1.available() else None
+
+
+def _cpu_kernel_pair_l1(maps: Array, pair_indices: Array) -> Array:
+  """`_loop_pair_l1` as a C++ XLA FFI kernel over the filter-major maps (`cgl_jax.cpu_pair_l1`).
+
+  The loops run one iteration at a time on one core and nothing else of the step
+  runs beside them; the kernel keeps each image's group in L2 across its pairs
+  and uses all of XLA's intra-op threads. ShapesCNN conv2 (B = 32, 32×32,
+  G = 5, f = 51, r = 153), 2 cores: forward 1.6 against 8 ms, backward 4.7
+  against 22 ms (experiments/bench_losses.py).
+  """
+  module = _cpu_kernel_module()
+  if module is None:
+    raise ImportError('the C++ CPU pair-sum kernel did not build or load here (see the '
+                      'warning logged by cgl_jax.cpu_pair_l1); use the loop pair sums.')
+  return module.pair_l1(_filter_major(maps), pair_indices)
 
 
 def _pair_incidence(pair_indices: Array, num_filters: int, dtype) -> Array:
@@ -468,25 +498,34 @@ def _pallas_pair_l1(maps: Array, pair_indices: Array) -> Array:
 
 
 # The implementations of the 'sampled' pair sums, by name (tests and benchmarks force one).
-SAMPLED_PAIR_SUMS = {'loop': _loop_pair_l1, 'matmul': _matmul_pair_l1, 'pallas': _pallas_pair_l1}
+SAMPLED_PAIR_SUMS = {'loop': _loop_pair_l1, 'cpu_kernel': _cpu_kernel_pair_l1,
+                     'matmul': _matmul_pair_l1, 'pallas': _pallas_pair_l1}
 
 
 def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: [B, HW, G, f] → [B, G, r].
 
-  The loop (`_loop_pair_l1`) when compiled for the CPU, the Pallas kernels
-  (`_pallas_pair_l1`) for a single CUDA GPU with float32 maps, the matmuls
-  (`_matmul_pair_l1`) otherwise (TPU, ROCm, float64, several devices); chosen
-  when lowering for the device, so one traced function serves all. They agree
-  to float32 rounding. Several devices get the matmuls because XLA partitions
-  them over a sharded batch, while the kernels have no partitioning rule yet
-  (XLA would gather the batch onto every device).
+  Chosen when lowering for the device, so one traced function serves all:
+    CPU   the C++ kernel (`_cpu_kernel_pair_l1`) on a single CPU device where it
+          builds, else the loop (`_loop_pair_l1`);
+    CUDA  the Pallas kernels (`_pallas_pair_l1`) on a single GPU with float32
+          maps, else the matmuls (`_matmul_pair_l1`);
+    other the matmuls (TPU, ROCm).
+  They agree to float rounding. Several devices get the loop or the matmuls
+  because XLA partitions those over a sharded batch, while the kernels have no
+  partitioning rule yet (XLA would gather the batch onto every device).
   """
-  single_cuda_kernel = (maps.dtype == jnp.float32 and jax.device_count() == 1
+  single_device = jax.device_count() == 1
+  single_cuda_kernel = (maps.dtype == jnp.float32 and single_device
                         and _pallas_module() is not None)
-  cuda = 'pallas' if single_cuda_kernel else 'matmul'
-  return lax.platform_dependent(maps, pair_indices, cpu=SAMPLED_PAIR_SUMS['loop'],
-                                cuda=SAMPLED_PAIR_SUMS[cuda], default=SAMPLED_PAIR_SUMS['matmul'])
+  # Only where the CPU is the default backend: a GPU host does not build a CPU kernel it
+  # would not use.
+  cpu_kernel = (single_device and jax.default_backend() == 'cpu'
+                and maps.dtype in (jnp.float32, jnp.float64) and _cpu_kernel_module() is not None)
+  return lax.platform_dependent(
+      maps, pair_indices, cpu=SAMPLED_PAIR_SUMS['cpu_kernel' if cpu_kernel else 'loop'],
+      cuda=SAMPLED_PAIR_SUMS['pallas' if single_cuda_kernel else 'matmul'],
+      default=SAMPLED_PAIR_SUMS['matmul'])
 
 
 def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
@@ -559,13 +598,15 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
     'sampled' (paper and code): ``num_pairs`` (default 3·f) ordered pairs drawn
       uniformly from ``key`` with `sample_pairs`, the same pairs for every group
       (as in the authors' code); or the explicit ``pair_indices``. Time
-      O(B·H·W·G·r), with a custom (reverse-mode only) gradient. On the CPU
-      loops over the pairs (forward) and over their filter incidences
-      (backward): peak memory of value-and-grad ≈ 2·B·H·W·G·f values
-      (the filter-major maps and their gradient), no per-pair intermediate. On
-      a single CUDA GPU (float32) two Pallas/Triton kernels over a filter-major
-      copy of the maps (`cgl_jax.pallas_pair_l1`), the same memory. On TPU,
-      ROCm, several devices or in float64 two matmuls with the ±1
+      O(B·H·W·G·r), with a custom (reverse-mode only) gradient. On a single
+      CPU device two C++ kernels (`cgl_jax.cpu_pair_l1`, built on first use;
+      without a compiler, or on several CPU devices, XLA loops over the pairs
+      and over their filter incidences): peak memory of value-and-grad
+      ≈ 2·B·H·W·G·f values (the filter-major maps and their gradient), no
+      per-pair intermediate. On a single CUDA GPU (float32) two Pallas/Triton
+      kernels over a filter-major copy of the maps (`cgl_jax.pallas_pair_l1`),
+      the same memory. On TPU, ROCm, several GPUs or in float64 on CUDA two
+      matmuls with the ±1
       pair-incidence matrix (a loop there is bound by launch latency): one
       transient ``[B, H·W, G, r]`` tensor, r/f times the size of ψ.
     'exact' (ours): all f·(f−1) ordered pairs. A ``lax.scan`` over the ⌊f/2⌋

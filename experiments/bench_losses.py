@@ -5,9 +5,10 @@ on soft masks ψ of shape [B, H, W, C] (default [256, 13, 13, 256], G = 5: AlexN
 conv5, per-sample reduction) for three implementations of L_g:
 
   sampled  cgl_jax.losses.group_coherence(pairs='sampled'): r = 3·f pairs; on the
-           CPU a loop over the pairs, on GPU/TPU two matmuls with the ±1 pair
-           incidence matrix (chosen when compiling for the device).
-  sampled_loop, sampled_matmul
+           CPU a C++ kernel (an XLA loop where it does not build), on a CUDA
+           GPU Pallas kernels, elsewhere two matmuls with the ±1 pair incidence
+           matrix (chosen when compiling for the device).
+  sampled_loop, sampled_cpu_kernel, sampled_matmul, sampled_pallas
            'sampled' forced to one of the library's implementations of the pair
            sums (to show why each platform gets the one it gets).
   exact    cgl_jax.losses.group_coherence(pairs='exact'): all f·(f−1) pairs,
@@ -136,7 +137,7 @@ def time_variant(name, objective, psi, key, *, repeats):
   start = time.perf_counter()
   value, _ = jax.block_until_ready(compiled(psi, key))  # warm-up, not timed
   warmup_s = time.perf_counter() - start
-  print(f'  {name:14s} compiled in {compile_s:.1f} s, warm-up call {warmup_s:.2f} s',
+  print(f'  {name:{NAME_WIDTH}s} compiled in {compile_s:.1f} s, warm-up call {warmup_s:.2f} s',
         flush=True)
   # One updating line on a terminal, one line per repeat in a log.
   carriage, end = ('\r', '') if sys.stdout.isatty() else ('', '\n')
@@ -148,7 +149,7 @@ def time_variant(name, objective, psi, key, *, repeats):
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
     mean_s = sum(times) / len(times)
-    print(f'{carriage}  {name:14s} repeat {i + 1}/{repeats}: {1 / mean_s:.2f} it/s, '
+    print(f'{carriage}  {name:{NAME_WIDTH}s} repeat {i + 1}/{repeats}: {1 / mean_s:.2f} it/s, '
           f'ETA {mean_s * (repeats - i - 1):.1f} s', end=end, flush=True)
   if carriage:
     print(flush=True)
@@ -160,6 +161,7 @@ def time_variant(name, objective, psi, key, *, repeats):
 
 
 VARIANTS = ('sampled', 'exact', 'loop', *(f'sampled_{name}' for name in PAIR_SUMS))
+NAME_WIDTH = max(map(len, VARIANTS))  # table column
 
 
 def parse_args(argv):
@@ -217,11 +219,11 @@ def main(argv=None):
   baseline = results.get('sampled')
   # cpu ms: this process's CPU time per call (all XLA threads); on a shared
   # CPU it is steadier than wall time, on a GPU it is host overhead only.
-  print(f"\n{'variant':14s} {'compile s':>10s} {'median ms':>10s} {'min ms':>10s} "
+  print(f"\n{'variant':{NAME_WIDTH}s} {'compile s':>10s} {'median ms':>10s} {'min ms':>10s} "
         f"{'cpu ms':>10s} {'/ sampled':>10s}")
   for name, result in results.items():
     ratio = f"{result['median_ms'] / baseline['median_ms']:.2f}x" if baseline else '-'
-    print(f"{name:14s} {result['compile_s']:10.1f} {result['median_ms']:10.1f} "
+    print(f"{name:{NAME_WIDTH}s} {result['compile_s']:10.1f} {result['median_ms']:10.1f} "
           f"{result['min_ms']:10.1f} {result['cpu_median_ms']:10.1f} {ratio:>10s}")
   if baseline:
     for name in VARIANTS[1:]:

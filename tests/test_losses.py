@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from cgl_jax import cpu_pair_l1
 from cgl_jax import losses
 from cgl_jax import pallas_pair_l1
 
@@ -157,6 +158,8 @@ def pair_sums_here(name):
   """
   if name == 'pallas':
     return functools.partial(pallas_pair_l1.pallas_pair_l1, interpret=True)
+  if name == 'cpu_kernel' and not cpu_pair_l1.available():
+    pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
   return losses.SAMPLED_PAIR_SUMS[name]
 
 
@@ -196,15 +199,18 @@ def pair_l1_implementation(request, monkeypatch):
 
 
 def _lowered_text(fn, platform, *args):
-  # The Triton custom call has no export compatibility guarantee; we only read the text.
-  triton = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+  # Neither the Triton nor our CPU kernel's custom call has an export compatibility
+  # guarantee; we only read the text.
+  kernels = [jax.export.DisabledSafetyCheck.custom_call(name) for name in (
+      '__gpu$xla.gpu.triton', *[n for pair in cpu_pair_l1.TARGETS.values() for n in pair])]
   # A fresh function each time: jit's trace cache must not reuse another case's trace.
   return jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=[platform],
-                           disabled_checks=[triton])(*args).mlir_module()
+                           disabled_checks=kernels)(*args).mlir_module()
 
 
 @pytest.mark.parametrize('platform, dtype, devices, implementation', [
-    ('cpu', 'float32', 1, 'loop'), ('cuda', 'float32', 1, 'pallas'),
+    ('cpu', 'float32', 1, 'cpu_kernel'), ('cpu', 'float64', 1, 'cpu_kernel'),
+    ('cpu', 'float32', 8, 'loop'), ('cuda', 'float32', 1, 'pallas'),
     ('cuda', 'float64', 1, 'matmul'), ('cuda', 'float32', 8, 'matmul'),
     ('rocm', 'float32', 1, 'matmul'), ('tpu', 'float32', 1, 'matmul')])
 def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, implementation,
@@ -212,19 +218,35 @@ def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, im
   """Value and gradient of the 'sampled' sums lower to the implementation meant for the device.
 
   jax.export lowers for a platform this machine does not have; the device count
-  is patched (several devices: the matmuls, which XLA partitions over the batch).
+  is patched (several devices: the loop or the matmuls, which XLA partitions
+  over the batch).
   """
+  if implementation == 'cpu_kernel' and not cpu_pair_l1.available():
+    pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
   monkeypatch.setattr(jax, 'device_count', lambda: devices)
   with jax.enable_x64(dtype == 'float64'):
     maps = jnp.asarray(uniform(12, (3, 20, 2, 6)), dtype)  # [B, HW, G, f]
     pairs = jnp.array([(0, 5), (5, 0), (2, 3)], jnp.int32)
-    for fn in (losses._sampled_pair_l1,
-               jax.grad(lambda m, p: jnp.sum(losses._sampled_pair_l1(m, p) ** 2))):
+    forward, backward = cpu_pair_l1.TARGETS[jnp.dtype(dtype)]
+    for fn, target in ((losses._sampled_pair_l1, forward), (
+        jax.grad(lambda m, p: jnp.sum(losses._sampled_pair_l1(m, p) ** 2)), backward)):
       module = _lowered_text(fn, platform, maps, pairs)
       assert ('stablehlo.dot_general' in module) == (implementation == 'matmul'), platform
       assert ('xla.gpu.triton' in module) == (implementation == 'pallas'), platform
+      assert (f'@{target}(' in module) == (implementation == 'cpu_kernel'), platform
       if implementation != 'pallas':  # (jax 0.11's Pallas lowering has loops of its own)
         assert ('stablehlo.while' in module) == (implementation == 'loop'), platform
+
+
+def test_cpu_falls_back_to_the_loop_without_the_kernel(monkeypatch):
+  """Where the C++ kernel does not build (or is switched off), the CPU gets the XLA loop."""
+  monkeypatch.setattr(losses, '_cpu_kernel_module', lambda: None)
+  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))
+  pairs = jnp.array([(0, 5), (2, 3)], jnp.int32)
+  module = _lowered_text(losses._sampled_pair_l1, 'cpu', maps, pairs)
+  assert 'stablehlo.while' in module and 'CglPairL1' not in module
+  with pytest.raises(ImportError, match='did not build or load here'):
+    losses._cpu_kernel_pair_l1(maps, pairs)
 
 
 def test_cuda_falls_back_to_the_matmuls_without_pallas(monkeypatch):
