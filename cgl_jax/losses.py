@@ -401,13 +401,25 @@ def _loop_pair_l1(maps: Array, pair_indices: Array) -> Array:
 
 @functools.cache
 def _cpu_kernel_module():
-  """`cgl_jax.cpu_pair_l1` if its C++ kernel builds and loads here, else None."""
-  from cgl_jax import cpu_pair_l1  # pylint: disable=g-import-not-at-top
-  return cpu_pair_l1 if cpu_pair_l1.available() else None
+  """`cgl_jax.cpu_kernels` if its C++ kernels build and load here, else None."""
+  from cgl_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  return cpu_kernels if cpu_kernels.available() else None
+
+
+def _use_cpu_kernels(x: Array) -> bool:
+  """Whether the CPU branch of a `lax.platform_dependent` may call `cgl_jax.cpu_kernels` for x.
+
+  Only on a single device (the kernels have no partitioning rule: XLA would
+  gather a sharded batch onto every device), for float32/float64, where the
+  CPU is the default backend (a GPU host does not build kernels it would not
+  use) and the kernels build.
+  """
+  return (jax.device_count() == 1 and jax.default_backend() == 'cpu'
+          and x.dtype in (jnp.float32, jnp.float64) and _cpu_kernel_module() is not None)
 
 
 def _cpu_kernel_pair_l1(maps: Array, pair_indices: Array) -> Array:
-  """`_loop_pair_l1` as a C++ XLA FFI kernel over the filter-major maps (`cgl_jax.cpu_pair_l1`).
+  """`_loop_pair_l1` as a C++ XLA FFI kernel over the filter-major maps (`cgl_jax.cpu_kernels`).
 
   The loops run one iteration at a time on one core and nothing else of the step
   runs beside them; the kernel keeps each image's group in L2 across its pairs
@@ -418,7 +430,7 @@ def _cpu_kernel_pair_l1(maps: Array, pair_indices: Array) -> Array:
   module = _cpu_kernel_module()
   if module is None:
     raise ImportError('the C++ CPU pair-sum kernel did not build or load here (see the '
-                      'warning logged by cgl_jax.cpu_pair_l1); use the loop pair sums.')
+                      'warning logged by cgl_jax.cpu_kernels); use the loop pair sums.')
   return module.pair_l1(_filter_major(maps), pair_indices)
 
 
@@ -518,12 +530,9 @@ def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   single_device = jax.device_count() == 1
   single_cuda_kernel = (maps.dtype == jnp.float32 and single_device
                         and _pallas_module() is not None)
-  # Only where the CPU is the default backend: a GPU host does not build a CPU kernel it
-  # would not use.
-  cpu_kernel = (single_device and jax.default_backend() == 'cpu'
-                and maps.dtype in (jnp.float32, jnp.float64) and _cpu_kernel_module() is not None)
   return lax.platform_dependent(
-      maps, pair_indices, cpu=SAMPLED_PAIR_SUMS['cpu_kernel' if cpu_kernel else 'loop'],
+      maps, pair_indices,
+      cpu=SAMPLED_PAIR_SUMS['cpu_kernel' if _use_cpu_kernels(maps) else 'loop'],
       cuda=SAMPLED_PAIR_SUMS['pallas' if single_cuda_kernel else 'matmul'],
       default=SAMPLED_PAIR_SUMS['matmul'])
 
@@ -599,7 +608,7 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
       uniformly from ``key`` with `sample_pairs`, the same pairs for every group
       (as in the authors' code); or the explicit ``pair_indices``. Time
       O(B·H·W·G·r), with a custom (reverse-mode only) gradient. On a single
-      CPU device two C++ kernels (`cgl_jax.cpu_pair_l1`, built on first use;
+      CPU device two C++ kernels (`cgl_jax.cpu_kernels`, built on first use;
       without a compiler, or on several CPU devices, XLA loops over the pairs
       and over their filter incidences): peak memory of value-and-grad
       ≈ 2·B·H·W·G·f values (the filter-major maps and their gradient), no
@@ -711,6 +720,32 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
 # ----------------------------------------------------------------------------
 
 
+def _spatial_concentration_maps(x: Array, eps: float) -> Array:
+  """L_s of every map, ``[B, H, W, C]`` → ``[B, C]``, in jax.numpy (any platform, any order of AD)."""
+  _, height, width, _ = x.shape
+  rows = jnp.arange(height, dtype=x.dtype)[:, None, None]  # [H, 1, 1] vs [B, H, W, C]
+  cols = jnp.arange(width, dtype=x.dtype)[None, :, None]
+  mass = jnp.sum(x, axis=(1, 2)) + eps  # [B, C]
+  # _safe_divide: an empty map is 0 (not NaN) even with eps = 0.
+  centre_row = _safe_divide(jnp.sum(rows * x, axis=(1, 2)), mass)
+  centre_col = _safe_divide(jnp.sum(cols * x, axis=(1, 2)), mass)
+  distance = _safe_sqrt(
+      jnp.square(rows - centre_row[:, None, None, :])
+      + jnp.square(cols - centre_col[:, None, None, :]))
+  return _safe_divide(jnp.sum(x * distance, axis=(1, 2)), mass)
+
+
+def _cpu_kernel_spatial_concentration_maps(x: Array, eps: float) -> Array:
+  """`_spatial_concentration_maps` as a C++ kernel (`cgl_jax.cpu_kernels`): CPU, reverse mode.
+
+  XLA makes some eight passes over ψ for L_s's value and gradient, each a trip
+  through memory on one core; the kernel makes two (forward) and three
+  (backward) per image and channel slice while it is in cache, on all intra-op
+  threads.
+  """
+  return _cpu_kernel_module().spatial_concentration_maps(x, eps=eps)
+
+
 def spatial_concentration(psi: Array, *, eps: float = 1e-4) -> Array:
   """Spatial concentration: mean distance of each mask's mass from its centre.
 
@@ -726,6 +761,11 @@ def spatial_concentration(psi: Array, *, eps: float = 1e-4) -> Array:
   finite in value and gradient. Under a
   named batch axis, ``lax.pmean`` of the result is the global-batch value.
 
+  On a single CPU device (float32/float64) value and gradient come from a C++
+  kernel (`cgl_jax.cpu_kernels`; reverse mode only: set ``CGL_JAX_CPU_KERNEL=0``
+  for forward-mode or higher-order derivatives there); elsewhere from
+  jax.numpy. They agree to float rounding.
+
   Args:
     psi: ``[B, H, W, C]`` soft masks.
     eps: added to the mask mass (1e-4 as in the spec).
@@ -735,17 +775,13 @@ def spatial_concentration(psi: Array, *, eps: float = 1e-4) -> Array:
   """
   _check_rank(psi, 'psi', 4, '[B, H, W, C]')
   x = jnp.asarray(psi).astype(_compute_dtype(psi))
-  _, height, width, _ = x.shape
-  rows = jnp.arange(height, dtype=x.dtype)[:, None, None]  # [H, 1, 1] vs [B, H, W, C]
-  cols = jnp.arange(width, dtype=x.dtype)[None, :, None]
-  mass = jnp.sum(x, axis=(1, 2)) + eps  # [B, C]
-  # _safe_divide: an empty map is 0 (not NaN) even with eps = 0.
-  centre_row = _safe_divide(jnp.sum(rows * x, axis=(1, 2)), mass)
-  centre_col = _safe_divide(jnp.sum(cols * x, axis=(1, 2)), mass)
-  distance = _safe_sqrt(
-      jnp.square(rows - centre_row[:, None, None, :])
-      + jnp.square(cols - centre_col[:, None, None, :]))
-  return jnp.mean(_safe_divide(jnp.sum(x * distance, axis=(1, 2)), mass))
+  if _use_cpu_kernels(x):
+    per_map = lax.platform_dependent(
+        x, cpu=functools.partial(_cpu_kernel_spatial_concentration_maps, eps=eps),
+        default=functools.partial(_spatial_concentration_maps, eps=eps))
+  else:
+    per_map = _spatial_concentration_maps(x, eps)
+  return jnp.mean(per_map)
 
 
 # ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from cgl_jax import cpu_pair_l1
+from cgl_jax import cpu_kernels
 from cgl_jax import losses
 from cgl_jax import pallas_pair_l1
 
@@ -158,7 +158,7 @@ def pair_sums_here(name):
   """
   if name == 'pallas':
     return functools.partial(pallas_pair_l1.pallas_pair_l1, interpret=True)
-  if name == 'cpu_kernel' and not cpu_pair_l1.available():
+  if name == 'cpu_kernel' and not cpu_kernels.available():
     pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
   return losses.SAMPLED_PAIR_SUMS[name]
 
@@ -202,7 +202,8 @@ def _lowered_text(fn, platform, *args):
   # Neither the Triton nor our CPU kernel's custom call has an export compatibility
   # guarantee; we only read the text.
   kernels = [jax.export.DisabledSafetyCheck.custom_call(name) for name in (
-      '__gpu$xla.gpu.triton', *[n for pair in cpu_pair_l1.TARGETS.values() for n in pair])]
+      '__gpu$xla.gpu.triton', *[name for by_dtype in cpu_kernels.TARGETS.values()
+                                for pair in by_dtype.values() for name in pair])]
   # A fresh function each time: jit's trace cache must not reuse another case's trace.
   return jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=[platform],
                            disabled_checks=kernels)(*args).mlir_module()
@@ -221,13 +222,13 @@ def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, im
   is patched (several devices: the loop or the matmuls, which XLA partitions
   over the batch).
   """
-  if implementation == 'cpu_kernel' and not cpu_pair_l1.available():
+  if implementation == 'cpu_kernel' and not cpu_kernels.available():
     pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
   monkeypatch.setattr(jax, 'device_count', lambda: devices)
   with jax.enable_x64(dtype == 'float64'):
     maps = jnp.asarray(uniform(12, (3, 20, 2, 6)), dtype)  # [B, HW, G, f]
     pairs = jnp.array([(0, 5), (5, 0), (2, 3)], jnp.int32)
-    forward, backward = cpu_pair_l1.TARGETS[jnp.dtype(dtype)]
+    forward, backward = cpu_kernels.TARGETS['PairL1'][jnp.dtype(dtype)]
     for fn, target in ((losses._sampled_pair_l1, forward), (
         jax.grad(lambda m, p: jnp.sum(losses._sampled_pair_l1(m, p) ** 2)), backward)):
       module = _lowered_text(fn, platform, maps, pairs)

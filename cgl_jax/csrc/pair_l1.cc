@@ -10,61 +10,18 @@
 // stay in L2 across all its pairs, so ψ is read from memory once per pass, and
 // the blocks are spread over XLA's intra-op thread pool. Each output element is
 // computed by one thread in a fixed order, so results do not depend on the
-// number of threads. Built and loaded by cgl_jax/cpu_pair_l1.py.
+// number of threads. Built and loaded by cgl_jax/cpu_kernels.py.
 #include <algorithm>
 #include <cmath>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// Runs body(begin, end) over [0, n) in chunks claimed from a shared counter by
-// the calling thread and by helpers scheduled on the pool. The caller waits only
-// for chunks that were claimed, so a helper that starts late (the pool busy with
-// other work) finds nothing left and returns: no deadlock, no idle wait for it.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || n < 2) {
-    body(0, n);
-    return;
-  }
-  const int64_t chunk = std::max<int64_t>(1, n / (4 * threads));
-  const int64_t num_chunks = (n + chunk - 1) / chunk;
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::mutex mutex;
-    std::condition_variable all_done;
-    int64_t done = 0;
-  };
-  auto state = std::make_shared<State>();
-  // `body` is only touched after claiming a chunk, and the caller returns only
-  // once every claimed chunk is done, so the reference outlives every use.
-  auto run = [state, n, chunk, num_chunks, &body]() {
-    int64_t finished = 0;
-    for (int64_t c = state->next.fetch_add(1); c < num_chunks; c = state->next.fetch_add(1)) {
-      body(c * chunk, std::min(n, (c + 1) * chunk));
-      ++finished;
-    }
-    if (finished > 0) {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      state->done += finished;
-      if (state->done == num_chunks) state->all_done.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, num_chunks); ++t) pool.Schedule([run] { run(); });
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->all_done.wait(lock, [&] { return state->done == num_chunks; });
-}
 
 // Σ |a − b| over n values with 16 independent partial sums (vectorised without
 // reassociating anything, so the result is the same on every run).
@@ -134,7 +91,7 @@ ffi::Error PairL1Forward(ffi::ThreadPool pool, ffi::Buffer<D> maps, ffi::Buffer<
   const std::vector<int32_t> pair = ClampedPairs(pairs.typed_data(), s.pairs, s.filters);
   const T* data = maps.typed_data();
   T* result = out->typed_data();
-  ParallelFor(pool, s.blocks, [&](int64_t begin, int64_t end) {
+  cgl_jax::ParallelFor(pool, s.blocks, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const T* block = data + m * s.filters * s.positions;
       for (int64_t k = 0; k < s.pairs; ++k) {
@@ -185,7 +142,7 @@ ffi::Error PairL1Backward(ffi::ThreadPool pool, ffi::Buffer<D> maps, ffi::Buffer
   const T* cot = cotangent.typed_data();
   T* result = grad->typed_data();
   const int64_t n = s.positions;
-  ParallelFor(pool, s.blocks, [&](int64_t begin, int64_t end) {
+  cgl_jax::ParallelFor(pool, s.blocks, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const T* block = data + m * s.filters * n;
       for (int64_t f = 0; f < s.filters; ++f) {

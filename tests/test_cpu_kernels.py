@@ -1,0 +1,271 @@
+"""cgl_jax.cpu_kernels: the C++ (XLA FFI) CPU kernels of L_g's pair sums, and their build.
+
+The kernels are checked against the XLA loop they replace (the backward bit for
+bit, since both walk the same filter-sorted incidences), against NumPy, for
+thread-count independence, under vmap, and for the build's cache and failure
+paths. `tests/test_losses.py` also runs every group-coherence test through them.
+"""
+import functools
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgl_jax import cpu_kernels
+from cgl_jax import losses
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason='the C++ CPU kernel does not build here (no compiler?)')
+
+
+def _maps(seed, shape, dtype=np.float32):
+  return np.random.default_rng(seed).uniform(0, 1, shape).astype(dtype)
+
+
+def _vjp(pair_sums, maps, pairs, cotangent):
+  value, pullback = jax.vjp(lambda m: pair_sums(m, pairs), maps)
+  return value, pullback(cotangent)[0]
+
+
+def _loop(maps, pairs):  # the XLA loop over filter-major maps, [..., f, N] → [..., r]
+  return jnp.moveaxis(losses._filter_major_pair_l1(maps, pairs), 0, -1)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('shape, num_pairs', [
+    ((3, 2, 6, 20), 7),       # N not a multiple of the 16 partial sums
+    ((2, 5, 51, 1024), 153),  # ShapesCNN conv2's block size, r = 3f
+    ((4, 7, 169), 16),        # AlexNet's 13×13, one leading axis
+])
+def test_value_and_gradient_match_the_xla_loop(shape, num_pairs, dtype, maybe_jit):
+  with jax.enable_x64(dtype == 'float64'):
+    maps = jnp.asarray(_maps(0, shape, dtype))
+    maps = maps.at[..., 1, :].set(maps[..., 0, :])  # filters 0 and 1 tie: sign(0) = 0
+    pairs = jnp.concatenate([jnp.array([[0, 1], [1, 0], [2, 3], [2, 3]], jnp.int32),
+                             losses.sample_pairs(jax.random.key(1), shape[-2], num_pairs - 4)])
+    cotangent = jax.random.normal(jax.random.key(2), (*shape[:-2], num_pairs), dtype)
+    want_value, want_grad = _vjp(_loop, maps, pairs, cotangent)
+    got_value, got_grad = maybe_jit(lambda m, c: _vjp(cpu_kernels.pair_l1, m, pairs, c))(
+        maps, cotangent)
+    assert got_value.dtype == got_grad.dtype == jnp.dtype(dtype)
+    assert got_value.shape == want_value.shape and got_grad.shape == maps.shape
+    # The forward sums in another order (16 partial sums) than XLA's reduction.
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-6 if dtype == 'float32' else 1e-13)
+    np.testing.assert_array_equal(got_grad, want_grad)  # same incidences, same order
+    by_hand = np.abs(np.asarray(maps)[..., pairs[:, 0], :]
+                     - np.asarray(maps)[..., pairs[:, 1], :]).sum(-1)
+    np.testing.assert_allclose(got_value, by_hand, rtol=1e-5 if dtype == 'float32' else 1e-12)
+
+
+def test_non_finite_values_propagate_as_in_the_xla_loop():
+  maps = jnp.asarray(_maps(3, (2, 4, 18)))
+  maps = maps.at[0, 1, 5].set(jnp.nan).at[1, 2, 7].set(jnp.inf).at[1, 3, 7].set(jnp.inf)
+  pairs = jnp.array([[0, 1], [2, 3], [3, 0], [1, 2]], jnp.int32)
+  cotangent = jnp.array([[1.0, -2.0, 0.5, 3.0], [jnp.inf, 1.0, -1.0, 0.0]])
+  want_value, want_grad = _vjp(_loop, maps, pairs, cotangent)
+  got_value, got_grad = _vjp(cpu_kernels.pair_l1, maps, pairs, cotangent)
+  np.testing.assert_array_equal(np.isnan(got_value), np.isnan(want_value))
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-6)  # nan == nan here
+  np.testing.assert_array_equal(got_grad, want_grad)
+  assert np.isnan(got_value[0, 0]) and np.isnan(got_grad[1, 2, 7])  # inf − inf; inf·sign(0)
+
+
+def test_out_of_range_pair_indices_are_read_as_dynamic_slices_read_them():
+  """No read outside the maps: an index counts from the end if negative, then is clamped.
+
+  (`group_coherence` rejects such indices when it can see them; traced ones
+  cannot be checked.) The gradient is that of the value so read.
+  """
+  maps = jnp.asarray(_maps(4, (2, 5, 9)))
+  pairs = jnp.array([[-3, 2], [1, 9], [4, 0], [-9, 3]], jnp.int32)
+  as_read = jnp.array([[2, 2], [1, 4], [4, 0], [0, 3]], jnp.int32)
+  cotangent = jnp.ones((2, 4))
+  got = _vjp(cpu_kernels.pair_l1, maps, pairs, cotangent)
+  for got_part, want_part in zip(got, _vjp(_loop, maps, as_read, cotangent)):
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-6)
+  np.testing.assert_allclose(got[0], _loop(maps, pairs), rtol=1e-6)  # the loop reads alike
+
+
+def test_vmap_runs_the_kernel_per_element():
+  maps = jnp.asarray(_maps(5, (3, 2, 6, 20)))
+  pairs = jnp.array([[0, 5], [3, 1]], jnp.int32)
+  batched = jax.vmap(lambda m: cpu_kernels.pair_l1(m, pairs))(maps)
+  np.testing.assert_array_equal(batched, cpu_kernels.pair_l1(maps, pairs))
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path, python_subprocess):
+  """One XLA thread and the default pool give identical bits (each output has one owner)."""
+  np.save(tmp_path / 'maps.npy', _maps(6, (16, 5, 51, 256)))
+  code = f"""
+    import os
+    import jax, jax.numpy as jnp, numpy as np
+    from cgl_jax import cpu_kernels, losses
+    maps = jnp.asarray(np.load({str(tmp_path / 'maps.npy')!r}))
+    pairs = losses.sample_pairs(jax.random.key(1), 51, 153)
+    value, pullback = jax.vjp(lambda m: cpu_kernels.pair_l1(m, pairs), maps)
+    grad = pullback(jnp.cos(value))[0]
+    np.save(os.environ['OUT'], np.concatenate([np.ravel(value), np.ravel(grad)]))
+  """
+  python_subprocess(code, env={'OUT': str(tmp_path / 'pool.npy')})
+  python_subprocess(code, env={'OUT': str(tmp_path / 'one.npy'), 'XLA_FLAGS': (
+      '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')})
+  np.testing.assert_array_equal(np.load(tmp_path / 'pool.npy'), np.load(tmp_path / 'one.npy'))
+
+
+def test_rejects_what_it_cannot_compute():
+  with pytest.raises(TypeError, match='float32 or float64 values; got bfloat16'):
+    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4), jnp.bfloat16), jnp.array([[0, 1]]))
+  with pytest.raises(ValueError, match=r'pair_indices must have shape \[r, 2\]; got \(3,\)'):
+    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4)), jnp.array([0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------
+# L_s per map.
+# ----------------------------------------------------------------------------
+
+
+def _numpy_spatial_concentration_maps(psi, eps):
+  _, height, width, _ = psi.shape
+  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+  mass = psi.sum((1, 2)) + eps  # [B, C]
+  centre_row = (rows[None, :, :, None] * psi).sum((1, 2)) / mass
+  centre_col = (cols[None, :, :, None] * psi).sum((1, 2)) / mass
+  distance = np.sqrt((rows[None, :, :, None] - centre_row[:, None, None, :]) ** 2
+                     + (cols[None, :, :, None] - centre_col[:, None, None, :]) ** 2)
+  return (psi * distance).sum((1, 2)) / mass
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('shape', [
+    (3, 5, 7, 6),        # non-square, C below one channel block
+    (2, 13, 13, 300),    # AlexNet's 13×13, C over two blocks of 128 (the last partial)
+    (4, 32, 32, 256),    # ShapesCNN conv2
+])
+def test_spatial_concentration_value_and_gradient_match_the_formula(shape, dtype, maybe_jit):
+  with jax.enable_x64(dtype == 'float64'):
+    psi = jnp.asarray(_maps(8, shape, dtype))
+    cotangent = jax.random.normal(jax.random.key(3), (shape[0], shape[3]), dtype)
+    xla = functools.partial(losses._spatial_concentration_maps, eps=1e-4)
+    kernel = functools.partial(cpu_kernels.spatial_concentration_maps, eps=1e-4)
+    want_value, want_grad = _vjp_maps(xla, psi, cotangent)
+    got_value, got_grad = maybe_jit(lambda x, c: _vjp_maps(kernel, x, c))(psi, cotangent)
+    assert got_value.dtype == got_grad.dtype == jnp.dtype(dtype)
+    assert got_value.shape == shape[::3] and got_grad.shape == shape
+    tolerance = 2e-5 if dtype == 'float32' else 1e-11
+    np.testing.assert_allclose(got_value, want_value, rtol=tolerance)
+    np.testing.assert_allclose(
+        got_value, _numpy_spatial_concentration_maps(np.asarray(psi, np.float64), 1e-4),
+        rtol=tolerance)
+    scale = np.max(np.abs(want_grad))
+    np.testing.assert_allclose(got_grad, want_grad, rtol=tolerance, atol=tolerance * scale)
+
+
+def _vjp_maps(fn, psi, cotangent):
+  value, pullback = jax.vjp(fn, psi)
+  return value, pullback(cotangent)[0]
+
+
+@pytest.mark.parametrize('eps', [1e-4, 0.0])
+def test_spatial_concentration_degenerate_maps_match_the_formula(eps):
+  """Empty maps (value 0), single pixels (d = 0 at the centre), negative mass."""
+  psi = np.zeros((3, 4, 5, 4), np.float64)
+  psi[0, 2, 3, 1] = 0.7             # one pixel: distance 0 at the centre
+  psi[1, :, :, 2] = 1.0             # uniform
+  psi[2, 1, 1, 3] = psi[2, 3, 4, 3] = 0.5
+  psi[2, :, :, 0] = -_maps(9, (4, 5))  # negative mass (not a mask, but defined)
+  with jax.enable_x64(True):
+    psi = jnp.asarray(psi)
+    cotangent = jnp.asarray(np.arange(12, dtype=np.float64).reshape(3, 4) - 5)
+    got = _vjp_maps(functools.partial(cpu_kernels.spatial_concentration_maps, eps=eps), psi,
+                    cotangent)
+    want = _vjp_maps(functools.partial(losses._spatial_concentration_maps, eps=eps), psi,
+                     cotangent)
+    for got_part, want_part in zip(got, want):
+      assert np.all(np.isfinite(got_part))
+      np.testing.assert_allclose(got_part, want_part, rtol=1e-11, atol=1e-12)
+    assert got[0][0, 0] == 0  # the empty map counts 0 ...
+    if eps == 0:  # ... and, with nothing added to its mass, has zero gradient
+      assert np.all(got[1][0, ..., 0] == 0)
+
+
+def test_spatial_concentration_uses_the_kernel_and_agrees_with_xla(monkeypatch):
+  psi = jnp.asarray(_maps(10, (2, 6, 6, 9)))
+  lowered = jax.jit(jax.value_and_grad(losses.spatial_concentration)).lower(psi).as_text()
+  assert 'CglSpatialConcentrationForwardF32' in lowered
+  assert 'CglSpatialConcentrationBackwardF32' in lowered
+  got = jax.value_and_grad(losses.spatial_concentration)(psi)
+  monkeypatch.setattr(losses, '_cpu_kernel_module', lambda: None)
+  want = jax.value_and_grad(losses.spatial_concentration)(psi)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-9)
+
+
+def test_spatial_concentration_kernel_rejects_what_it_cannot_compute():
+  with pytest.raises(ValueError, match=r'rank 4 \[B, H, W, C\]; got shape \(2, 3, 4\)'):
+    cpu_kernels.spatial_concentration_maps(jnp.zeros((2, 3, 4)))
+  with pytest.raises(TypeError, match='float32 or float64 values; got float16'):
+    cpu_kernels.spatial_concentration_maps(jnp.zeros((1, 2, 2, 1), jnp.float16))
+
+
+# ----------------------------------------------------------------------------
+# The build.
+# ----------------------------------------------------------------------------
+
+
+def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
+  library = cpu_kernels.build(tmp_path)
+  assert library.parent == tmp_path and library.stat().st_size > 0
+  built_at = library.stat().st_mtime_ns
+  assert cpu_kernels.build(tmp_path) == library and library.stat().st_mtime_ns == built_at
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('.building-')]  # no leftovers
+  sources = tmp_path / 'csrc'
+  shutil.copytree(cpu_kernels.SOURCE_DIR, sources)
+  monkeypatch.setattr(cpu_kernels, 'SOURCE_DIR', sources)
+  assert cpu_kernels.build(tmp_path) == library  # the same sources: the same build
+  (sources / 'parallel_for.h').write_text((sources / 'parallel_for.h').read_text() + '// changed\n')
+  assert cpu_kernels.build(tmp_path) != library  # a changed header is a new build
+
+
+def test_a_failed_build_names_the_command_and_leaves_nothing(tmp_path, monkeypatch):
+  (tmp_path / 'csrc').mkdir()
+  (tmp_path / 'csrc' / 'broken.cc').write_text('this is not C++;\n')
+  monkeypatch.setattr(cpu_kernels, 'SOURCE_DIR', tmp_path / 'csrc')
+  with pytest.raises(cpu_kernels.KernelBuildError, match=r'(?s)failed \(exit \d+\).*broken\.cc'):
+    cpu_kernels.build(tmp_path / 'cache')
+  assert os.listdir(tmp_path / 'cache') == []  # the half-written output was removed
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(cpu_kernels.KernelBuildError, match='cannot run the C\\+\\+ compiler'):
+    cpu_kernels.build(tmp_path / 'cache')
+
+
+def test_unavailable_kernel_warns_once_and_group_coherence_uses_the_loop(monkeypatch, caplog):
+  psi = jnp.asarray(_maps(7, (2, 4, 4, 6)))
+  key = jax.random.key(0)
+  want = losses.group_coherence(psi, 2, pairs='sampled', key=key)
+
+  def failing_register():
+    raise cpu_kernels.KernelBuildError('no C++ compiler found (test)')
+
+  monkeypatch.setattr(cpu_kernels, '_register', failing_register)
+  cpu_kernels.available.cache_clear()
+  losses._cpu_kernel_module.cache_clear()
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert not cpu_kernels.available() and not cpu_kernels.available()
+    assert [r.getMessage() for r in caplog.records].count(
+        caplog.records[0].getMessage()) == 1 and 'no C++ compiler found (test)' in caplog.text
+    assert losses._cpu_kernel_module() is None
+    # A fresh function: jit must trace again, now choosing the loop.
+    got = jax.jit(lambda x: losses.group_coherence(x, 2, pairs='sampled', key=key))(psi)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, '0')
+    monkeypatch.setattr(cpu_kernels, '_register', lambda: None)
+    cpu_kernels.available.cache_clear()
+    assert not cpu_kernels.available()  # switched off: not even tried
+  finally:
+    cpu_kernels.available.cache_clear()
+    losses._cpu_kernel_module.cache_clear()
