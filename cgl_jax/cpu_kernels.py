@@ -2,9 +2,9 @@
 
 `cgl_jax.losses` uses them on a single CPU device (float32 or float64):
 
-  pair_l1                 Σ_n |maps[..., i_k, n] − maps[..., j_k, n]| for r pairs over
-                          filter-major maps ``[..., f, N]`` (`group_coherence`,
-                          pairs='sampled'); source ``csrc/pair_l1.cc``.
+  pair_l1                 Σ_n |x[..., n, g·f + i_k] − x[..., n, g·f + j_k]| for r pairs
+                          and G groups of channels-last maps ``[..., N, C]``
+                          (`group_coherence`, pairs='sampled'); source ``csrc/pair_l1.cc``.
   spatial_concentration_maps
                           L_s of every map of ψ ``[B, H, W, C]`` → ``[B, C]``
                           (`spatial_concentration`); source ``csrc/spatial_concentration.cc``.
@@ -38,7 +38,7 @@ and `cgl_jax.losses` uses its XLA implementations (same results).
 ``CGL_JAX_CPU_KERNEL=0`` turns the kernels off (e.g. for forward-mode or
 higher-order derivatives of L_s on the CPU).
 
-This module imports jax and the standard library only.
+This module imports jax, numpy and the standard library only.
 """
 import ctypes
 import functools
@@ -56,6 +56,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 Array = jax.Array
 
@@ -210,49 +211,63 @@ def _targets(kernel: str, x: Array) -> tuple[str, str]:
   return TARGETS[kernel][jnp.dtype(x.dtype)]
 
 
-def _check(maps: Array, pair_indices: Array) -> tuple[str, str]:
-  if maps.ndim < 2:
-    raise ValueError(f'maps must have rank >= 2 [..., f, N]; got shape {maps.shape}.')
+def _check(x: Array, pair_indices: Array, num_groups: int) -> tuple[str, str]:
+  if x.ndim < 2:
+    raise ValueError(f'x must have rank >= 2 [..., N, C]; got shape {x.shape}.')
+  if not 1 <= num_groups <= x.shape[-1]:
+    raise ValueError(f'num_groups must lie in [1, C = {x.shape[-1]}]; got {num_groups}.')
   if pair_indices.ndim != 2 or pair_indices.shape[1] != 2:
     raise ValueError(f'pair_indices must have shape [r, 2]; got {pair_indices.shape}.')
-  return _targets('PairL1', maps)
+  return _targets('PairL1', x)
 
 
-def _forward(maps: Array, pair_indices: Array) -> Array:
-  forward, _ = _check(maps, pair_indices)
-  out = jax.ShapeDtypeStruct(maps.shape[:-2] + pair_indices.shape[:1], maps.dtype)
+def _forward(x: Array, pair_indices: Array, num_groups: int) -> Array:
+  forward, _ = _check(x, pair_indices, num_groups)
+  out = jax.ShapeDtypeStruct((*x.shape[:-2], num_groups, pair_indices.shape[0]), x.dtype)
   # 'sequential': under vmap the kernel runs once per mapped element (pairs stay [r, 2]).
   return jax.ffi.ffi_call(forward, out, vmap_method='sequential')(
-      maps, pair_indices.astype(jnp.int32))
+      x, pair_indices.astype(jnp.int32), num_groups=np.int64(num_groups))
 
 
-def pair_l1(maps: Array, pair_indices: Array) -> Array:
-  """Σ_n |maps[..., i, n] − maps[..., j, n]| per pair (i, j): ``[..., f, N]`` → ``[..., r]``.
+def pair_l1(x: Array, pair_indices: Array, *, num_groups: int) -> Array:
+  """L_g's pair sums over channels-last maps: ``[..., N, C]`` → ``[..., G, r]``.
 
-  Reverse-mode differentiable (the backward kernel recomputes the signs from
-  the maps; sign(0) = 0, as for ``jnp.abs``). CPU only; float32 or float64.
-  Pair indices are read as jax's dynamic slices read them (as the XLA loop
-  does): a negative one counts from the end, then each is clamped to ``[0, f)``.
+      out[..., g, k] = Σ_n |x[..., n, g·f + i_k] − x[..., n, g·f + j_k]|,   f = C // G
+
+  for pairs (i_k, j_k) of in-group filter indices; the ``C − G·f`` free channels
+  are not read (their gradient is 0). Reverse-mode differentiable (the backward
+  kernel recomputes the signs; sign(0) = 0, as for ``jnp.abs``). CPU only;
+  float32 or float64. Pair indices are read as jax's dynamic slices read them
+  (as the XLA loop does): a negative one counts from the end, then each is
+  clamped to ``[0, f)``.
   """
-  return _pair_l1(maps, jnp.asarray(pair_indices))
+  return _pair_l1(x, jnp.asarray(pair_indices), int(num_groups))
 
 
-@jax.custom_vjp
-def _pair_l1(maps, pair_indices):
-  return _forward(maps, pair_indices)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pair_l1(x, pair_indices, num_groups):
+  return _forward(x, pair_indices, num_groups)
 
 
-def _pair_l1_fwd(maps, pair_indices):
-  return _forward(maps, pair_indices), (maps, pair_indices)
+def _pair_l1_fwd(x, pair_indices, num_groups):
+  return _forward(x, pair_indices, num_groups), (x, pair_indices)
 
 
-def _pair_l1_bwd(residuals, cotangent):
-  maps, pair_indices = residuals
-  _, backward = _check(maps, pair_indices)
-  grad = jax.ffi.ffi_call(backward, jax.ShapeDtypeStruct(maps.shape, maps.dtype),
-                          vmap_method='sequential')(
-                              maps, pair_indices.astype(jnp.int32),
-                              cotangent.astype(maps.dtype))
+def _pair_l1_bwd(num_groups, residuals, cotangent):
+  x, pair_indices = residuals
+  _, backward = _check(x, pair_indices, num_groups)
+  *leading, positions, channels = x.shape
+  group_size = channels // num_groups
+  # The kernel writes the gradient filter-major, [..., G, f, N], row by row; XLA
+  # moves it back to channels-last inside the pass that consumes it. (Writing it
+  # channels-last from the kernel took 3× as long: scattered stores.)
+  rows = jax.ffi.ffi_call(
+      backward, jax.ShapeDtypeStruct((*leading, num_groups, group_size, positions), x.dtype),
+      vmap_method='sequential')(x, pair_indices.astype(jnp.int32), cotangent.astype(x.dtype),
+                                num_groups=np.int64(num_groups))
+  grad = jnp.moveaxis(rows, -1, -3).reshape(*leading, positions, num_groups * group_size)
+  free = channels - num_groups * group_size  # no gradient
+  grad = jnp.pad(grad, [(0, 0)] * (grad.ndim - 1) + [(0, free)]) if free else grad
   return grad, None
 
 

@@ -418,20 +418,30 @@ def _use_cpu_kernels(x: Array) -> bool:
           and x.dtype in (jnp.float32, jnp.float64) and _cpu_kernel_module() is not None)
 
 
-def _cpu_kernel_pair_l1(maps: Array, pair_indices: Array) -> Array:
-  """`_loop_pair_l1` as a C++ XLA FFI kernel over the filter-major maps (`cgl_jax.cpu_kernels`).
+def _cpu_kernel_channels_last_pair_l1(x: Array, pair_indices: Array, num_groups: int) -> Array:
+  """`_loop_pair_l1` as C++ XLA FFI kernels over ψ itself, ``[B, HW, C]`` (`cgl_jax.cpu_kernels`).
 
-  The loops run one iteration at a time on one core and nothing else of the step
-  runs beside them; the kernel keeps each image's group in L2 across its pairs
-  and uses all of XLA's intra-op threads. ShapesCNN conv2 (B = 32, 32×32,
+  The loops run one iteration at a time on one core and nothing else of the
+  step runs beside them; the kernels copy each image's group into an L2-sized
+  filter-major buffer, keep it there across the pairs, and use all of XLA's
+  intra-op threads. Reading ψ channels-last (free channels included) saves the
+  filter-major copy of ψ that the loop needs. ShapesCNN conv2 (B = 32, 32×32,
   G = 5, f = 51, r = 153), 2 cores: forward 1.6 against 8 ms, backward 4.7
-  against 22 ms (experiments/bench_losses.py).
+  against 22 ms (experiments/bench_losses.py), and the train step lost the
+  6 ms transpose.
   """
   module = _cpu_kernel_module()
   if module is None:
     raise ImportError('the C++ CPU pair-sum kernel did not build or load here (see the '
                       'warning logged by cgl_jax.cpu_kernels); use the loop pair sums.')
-  return module.pair_l1(_filter_major(maps), pair_indices)
+  return module.pair_l1(x, pair_indices, num_groups=num_groups)
+
+
+def _cpu_kernel_pair_l1(maps: Array, pair_indices: Array) -> Array:
+  """`_cpu_kernel_channels_last_pair_l1` with the interface of `SAMPLED_PAIR_SUMS`: [B, HW, G, f]."""
+  batch, positions, groups, group_size = maps.shape
+  return _cpu_kernel_channels_last_pair_l1(
+      maps.reshape(batch, positions, groups * group_size), pair_indices, groups)
 
 
 def _pair_incidence(pair_indices: Array, num_filters: int, dtype) -> Array:
@@ -514,12 +524,31 @@ SAMPLED_PAIR_SUMS = {'loop': _loop_pair_l1, 'cpu_kernel': _cpu_kernel_pair_l1,
                      'matmul': _matmul_pair_l1, 'pallas': _pallas_pair_l1}
 
 
-def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
-  """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: [B, HW, G, f] → [B, G, r].
+def _grouped_maps(x: Array, num_groups: int) -> Array:
+  """ψ channels-last ``[B, HW, C]`` → its grouped filters ``[B, HW, G, f]`` (free ones dropped)."""
+  batch, positions, channels = x.shape
+  group_size = channels // num_groups
+  return x[..., :num_groups * group_size].reshape(batch, positions, num_groups, group_size)
 
-  Chosen when lowering for the device, so one traced function serves all:
-    CPU   the C++ kernel (`_cpu_kernel_pair_l1`) on a single CPU device where it
-          builds, else the loop (`_loop_pair_l1`);
+
+def grouped_pair_sums(implementation):
+  """A `SAMPLED_PAIR_SUMS` implementation ([B, HW, G, f] maps) with `_sampled_pair_l1`'s interface.
+
+  For tests and benchmarks that force one implementation by patching
+  ``losses._sampled_pair_l1``.
+  """
+  def pair_sums(x, pair_indices, *, num_groups):
+    return implementation(_grouped_maps(x, num_groups), pair_indices)
+  return pair_sums
+
+
+def _sampled_pair_l1(x: Array, pair_indices: Array, *, num_groups: int) -> Array:
+  """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: ψ [B, HW, C] → [B, G, r].
+
+  ``maps = _grouped_maps(x, num_groups)``: the first G·f channels of ψ. Chosen
+  when lowering for the device, so one traced function serves all:
+    CPU   the C++ kernels on ψ itself (`_cpu_kernel_channels_last_pair_l1`) on a
+          single CPU device where they build, else the loop (`_loop_pair_l1`);
     CUDA  the Pallas kernels (`_pallas_pair_l1`) on a single GPU with float32
           maps, else the matmuls (`_matmul_pair_l1`);
     other the matmuls (TPU, ROCm).
@@ -528,13 +557,18 @@ def _sampled_pair_l1(maps: Array, pair_indices: Array) -> Array:
   partitioning rule yet (XLA would gather the batch onto every device).
   """
   single_device = jax.device_count() == 1
-  single_cuda_kernel = (maps.dtype == jnp.float32 and single_device
+  single_cuda_kernel = (x.dtype == jnp.float32 and single_device
                         and _pallas_module() is not None)
+  if _use_cpu_kernels(x):
+    cpu = _cpu_kernel_channels_last_pair_l1
+  else:
+    cpu = grouped_pair_sums(SAMPLED_PAIR_SUMS['loop'])
+  cuda = grouped_pair_sums(SAMPLED_PAIR_SUMS['pallas' if single_cuda_kernel else 'matmul'])
+  default = grouped_pair_sums(SAMPLED_PAIR_SUMS['matmul'])
   return lax.platform_dependent(
-      maps, pair_indices,
-      cpu=SAMPLED_PAIR_SUMS['cpu_kernel' if _use_cpu_kernels(maps) else 'loop'],
-      cuda=SAMPLED_PAIR_SUMS['pallas' if single_cuda_kernel else 'matmul'],
-      default=SAMPLED_PAIR_SUMS['matmul'])
+      x, pair_indices, cpu=functools.partial(cpu, num_groups=num_groups),
+      cuda=functools.partial(cuda, num_groups=num_groups),
+      default=functools.partial(default, num_groups=num_groups))
 
 
 def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
@@ -655,9 +689,8 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
   if pairs not in PAIRS:
     raise ValueError(f'pairs must be one of {PAIRS}; got {pairs!r}.')
 
-  # [B, H·W, G, f], grouped filters last (a reshape, no copy).
-  x = jnp.asarray(psi)[..., :num_groups * group_size].astype(_compute_dtype(psi))
-  maps = x.reshape(batch, height * width, num_groups, group_size)
+  # ψ as [B, H·W, C] (a reshape, no copy); the pair sums take the first G·f channels.
+  x = jnp.asarray(psi).astype(_compute_dtype(psi)).reshape(batch, height * width, channels)
 
   if pairs == 'exact':
     if num_pairs is not None or pair_indices is not None:
@@ -666,7 +699,7 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
                        f"{'given' if pair_indices is not None else 'None'} with "
                        "pairs='exact'.")
     shifts, pair_indices, weights = _exact_pairs(group_size)
-    pair_l1 = _shifted_pair_l1(maps, shifts)
+    pair_l1 = _shifted_pair_l1(_grouped_maps(x, num_groups), shifts)
   else:
     if pair_indices is None:
       if key is None:
@@ -695,10 +728,10 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
                            f'group); got values in [{low}, {high}].')
     pair_indices = jnp.asarray(pair_indices)
     weights = jnp.full(pair_indices.shape[0], 1.0 / pair_indices.shape[0])
-    pair_l1 = _sampled_pair_l1(maps, pair_indices)
+    pair_l1 = _sampled_pair_l1(x, pair_indices, num_groups=num_groups)
 
-  # Per-channel L1 of the whole ψ, then the grouped channels: summing the slice
-  # `maps` instead makes XLA copy it out of ψ first (one B·H·W·G·f write).
+  # Per-channel L1 of the whole ψ, then the grouped channels: summing the grouped
+  # slice instead makes XLA copy it out of ψ first (one B·H·W·G·f write).
   filter_l1 = jnp.sum(jnp.abs(jnp.asarray(psi).astype(x.dtype)), axis=(1, 2))[
       :, :num_groups * group_size].reshape(batch, num_groups, group_size)  # [B, G, f]
   first_l1 = jnp.take(filter_l1, pair_indices[:, 0], axis=2)  # [B, G, P]

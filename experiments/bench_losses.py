@@ -116,7 +116,7 @@ PAIR_SUMS = losses.SAMPLED_PAIR_SUMS
 def pair_sums(name):
   """Within the block, functions traced use the named 'sampled' pair-sum implementation."""
   original = losses._sampled_pair_l1
-  losses._sampled_pair_l1 = PAIR_SUMS[name]
+  losses._sampled_pair_l1 = losses.grouped_pair_sums(PAIR_SUMS[name])
   try:
     yield
   finally:

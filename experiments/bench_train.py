@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import runpy
 import statistics
@@ -137,13 +138,40 @@ def run_steps(runner, num_steps: int, *, clock=time.perf_counter) -> float:
 
 
 TARGET = 1.10  # issue 3: the full CGL step at most 1.10x the CE-only step time
+CONFIDENCE = 0.90  # of the interval around the median per-round ratio that the verdict uses
+
+
+def median_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+  """(low, high, coverage): a distribution-free confidence interval for the median.
+
+  The order statistics ``[x_(k), x_(n+1-k)]`` cover the population median with
+  probability ``1 − 2·P(Binomial(n, ½) < k)`` whatever the distribution; k is the
+  largest with coverage ≥ `confidence` (k = 1, i.e. [min, max], when n is too
+  small to reach it: then the coverage returned is lower). E.g. n = 9 rounds:
+  the 2nd and 8th smallest ratios, 96 % coverage.
+  """
+  ordered = sorted(values)
+  n = len(ordered)
+  def coverage(k):  # 1 − 2·P(B < k), B ~ Binomial(n, 1/2)
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+  k = 1
+  while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+    k += 1
+  return ordered[k - 1], ordered[n - k], coverage(k)
 
 
 def target_verdict(round_ratios) -> str:
-  """'met' if every round's cgl/ce ratio is <= TARGET, 'missed' if none is, else 'on the line'."""
-  if max(round_ratios) <= TARGET:
+  """'met' if the median ratio's confidence interval lies at or under TARGET, 'missed' if it
+  lies over, else 'on the line'.
+
+  Single rounds on this shared machine move by ±5 %, so requiring every round
+  under the target would call a true 1.05 'on the line' about once in three
+  9-round runs; the interval asks whether the typical round is under it.
+  """
+  low, high, _ = median_interval(round_ratios)
+  if high <= TARGET:
     return 'met'
-  if min(round_ratios) > TARGET:
+  if low > TARGET:
     return 'missed'
   return 'on the line'
 
@@ -190,6 +218,8 @@ def bench_model(name: str, args) -> dict:
       'images_per_second': {kind: args.batch_size / value for kind, value in median.items()},
       'cgl_over_ce_time': median['cgl'] / median['ce'], 'clock': args.clock,
       'cgl_over_ce_time_per_round': round_ratios,
+      'cgl_over_ce_median_interval': dict(zip(('low', 'high', 'coverage'),
+                                              median_interval(round_ratios))),
       'target': target_verdict(round_ratios),
       'over_ce_time': {kind: value / median['ce'] for kind, value in median.items()},
       'xla_cost_estimate': costs,
@@ -235,13 +265,15 @@ def main(argv=None) -> int:
   for name in names:
     results.append(bench_model(name, args))
   print(f'\n{"model":14s} {"ce img/s":>10s} {"cgl img/s":>10s} {"cgl/ce time":>12s} '
-        f'{"per round":>13s}  target ≤ {TARGET:.2f}')
+        f'{"round median, CI":>22s} {"all rounds":>13s}  target ≤ {TARGET:.2f}')
   for result in results:
     ips = result['images_per_second']
     rounds = result['cgl_over_ce_time_per_round']
+    interval = result['cgl_over_ce_median_interval']
     print(f'{result["model"]:14s} {ips["ce"]:10.1f} {ips["cgl"]:10.1f} '
-          f'{result["cgl_over_ce_time"]:12.3f} {min(rounds):6.3f}–{max(rounds):.3f}  '
-          f'{result["target"]}')
+          f'{result["cgl_over_ce_time"]:12.3f} {statistics.median(rounds):7.3f} '
+          f'[{interval["low"]:.3f}, {interval["high"]:.3f}] {min(rounds):6.3f}–{max(rounds):.3f}  '
+          f'{result["target"]} ({interval["coverage"]:.0%} interval)')
   if args.breakdown or args.pair_sums:
     print(f'\n{"model":14s} {"step":12s} {"ms/step":>9s} {"/ce time":>9s} {"GFLOP":>8s} {"GB":>7s}')
     for result in results:

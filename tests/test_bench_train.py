@@ -11,12 +11,24 @@ import bench_train  # pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.parametrize('ratios, verdict', [
-    ([1.02, 1.10, 1.05], 'met'),           # the bound itself counts as met
-    ([1.09, 1.11, 1.08], 'on the line'),   # median under, one round over
+    ([1.02, 1.10, 1.05], 'met'),                               # the bound itself counts as met
+    ([0.97, 1.03, 1.04, 1.05, 1.05, 1.06, 1.07, 1.09, 1.13], 'met'),  # one noisy round over
+    ([1.01, 1.03, 1.06, 1.08, 1.09, 1.10, 1.11, 1.12, 1.15], 'on the line'),
+    ([1.09, 1.11, 1.08], 'on the line'),                       # too few rounds to tell
     ([1.12, 1.101, 1.2], 'missed'),
 ])
 def test_target_verdict(ratios, verdict):
   assert bench_train.target_verdict(ratios) == verdict
+
+
+@pytest.mark.parametrize('n, k', [(3, 1), (5, 1), (6, 1), (8, 2), (9, 2), (15, 4), (25, 8)])
+def test_median_interval_uses_the_binomial_order_statistics(n, k):
+  low, high, coverage = bench_train.median_interval(list(range(n, 0, -1)))
+  assert (low, high) == (k, n + 1 - k)  # the k-th smallest and largest of 1..n
+  # Coverage 1 − 2·P(B < k), B ~ Binomial(n, ½), checked by enumerating outcomes.
+  tail = sum(1 for outcome in range(2**n) if bin(outcome).count('1') < k) / 2**n
+  assert coverage == pytest.approx(1 - 2 * tail)
+  assert coverage >= bench_train.CONFIDENCE or k == 1
 
 
 def test_tiny_run_reports_per_round_ratios(tmp_path, capsys):

@@ -26,89 +26,106 @@ def _maps(seed, shape, dtype=np.float32):
   return np.random.default_rng(seed).uniform(0, 1, shape).astype(dtype)
 
 
-def _vjp(pair_sums, maps, pairs, cotangent):
-  value, pullback = jax.vjp(lambda m: pair_sums(m, pairs), maps)
+def _vjp(pair_sums, x, pairs, cotangent):
+  value, pullback = jax.vjp(lambda m: pair_sums(m, pairs), x)
   return value, pullback(cotangent)[0]
 
 
-def _loop(maps, pairs):  # the XLA loop over filter-major maps, [..., f, N] → [..., r]
-  return jnp.moveaxis(losses._filter_major_pair_l1(maps, pairs), 0, -1)
+def _loop(num_groups):  # the XLA loop on ψ's grouped channels: [B, N, C] → [B, G, r]
+  return lambda x, pairs: losses._loop_pair_l1(losses._grouped_maps(x, num_groups), pairs)
+
+
+def _kernel(num_groups):
+  return lambda x, pairs: cpu_kernels.pair_l1(x, pairs, num_groups=num_groups)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
-@pytest.mark.parametrize('shape, num_pairs', [
-    ((3, 2, 6, 20), 7),       # N not a multiple of the 16 partial sums
-    ((2, 5, 51, 1024), 153),  # ShapesCNN conv2's block size, r = 3f
-    ((4, 7, 169), 16),        # AlexNet's 13×13, one leading axis
+@pytest.mark.parametrize('shape, num_groups, num_pairs', [
+    ((3, 20, 13), 2, 7),       # N not a multiple of 16, f = 6 and one free channel
+    ((2, 1024, 256), 5, 153),  # ShapesCNN conv2: f = 51, r = 3f, one free channel
+    ((4, 169, 384), 5, 16),    # AlexNet conv4's 13×13: f = 76, four free channels
+    ((2, 9, 8), 1, 5),         # one group, no free channel
 ])
-def test_value_and_gradient_match_the_xla_loop(shape, num_pairs, dtype, maybe_jit):
+def test_value_and_gradient_match_the_xla_loop(shape, num_groups, num_pairs, dtype, maybe_jit):
+  group_size = shape[-1] // num_groups
   with jax.enable_x64(dtype == 'float64'):
-    maps = jnp.asarray(_maps(0, shape, dtype))
-    maps = maps.at[..., 1, :].set(maps[..., 0, :])  # filters 0 and 1 tie: sign(0) = 0
+    x = jnp.asarray(_maps(0, shape, dtype))
+    x = x.at[..., 1].set(x[..., 0])  # group 0's filters 0 and 1 tie: sign(0) = 0
     pairs = jnp.concatenate([jnp.array([[0, 1], [1, 0], [2, 3], [2, 3]], jnp.int32),
-                             losses.sample_pairs(jax.random.key(1), shape[-2], num_pairs - 4)])
-    cotangent = jax.random.normal(jax.random.key(2), (*shape[:-2], num_pairs), dtype)
-    want_value, want_grad = _vjp(_loop, maps, pairs, cotangent)
-    got_value, got_grad = maybe_jit(lambda m, c: _vjp(cpu_kernels.pair_l1, m, pairs, c))(
-        maps, cotangent)
+                             losses.sample_pairs(jax.random.key(1), group_size, num_pairs - 4)])
+    cotangent = jax.random.normal(jax.random.key(2), (shape[0], num_groups, num_pairs), dtype)
+    want_value, want_grad = _vjp(_loop(num_groups), x, pairs, cotangent)
+    got_value, got_grad = maybe_jit(lambda m, c: _vjp(_kernel(num_groups), m, pairs, c))(
+        x, cotangent)
     assert got_value.dtype == got_grad.dtype == jnp.dtype(dtype)
-    assert got_value.shape == want_value.shape and got_grad.shape == maps.shape
+    assert got_value.shape == want_value.shape and got_grad.shape == x.shape
     # The forward sums in another order (16 partial sums) than XLA's reduction.
     np.testing.assert_allclose(got_value, want_value, rtol=1e-6 if dtype == 'float32' else 1e-13)
     np.testing.assert_array_equal(got_grad, want_grad)  # same incidences, same order
-    by_hand = np.abs(np.asarray(maps)[..., pairs[:, 0], :]
-                     - np.asarray(maps)[..., pairs[:, 1], :]).sum(-1)
+    assert not np.any(got_grad[..., num_groups * group_size:])  # free channels
+    grouped = np.asarray(x)[..., :num_groups * group_size].reshape(
+        *shape[:-1], num_groups, group_size)
+    by_hand = np.abs(grouped[..., pairs[:, 0]] - grouped[..., pairs[:, 1]]).sum(1)
     np.testing.assert_allclose(got_value, by_hand, rtol=1e-5 if dtype == 'float32' else 1e-12)
 
 
 def test_non_finite_values_propagate_as_in_the_xla_loop():
-  maps = jnp.asarray(_maps(3, (2, 4, 18)))
-  maps = maps.at[0, 1, 5].set(jnp.nan).at[1, 2, 7].set(jnp.inf).at[1, 3, 7].set(jnp.inf)
+  x = jnp.asarray(_maps(3, (2, 18, 9)))  # G = 2, f = 4, one free channel (made nan)
+  x = x.at[0, 5, 1].set(jnp.nan).at[1, 7, 6].set(jnp.inf).at[1, 7, 7].set(jnp.inf)
+  x = x.at[:, :, 8].set(jnp.nan)
   pairs = jnp.array([[0, 1], [2, 3], [3, 0], [1, 2]], jnp.int32)
-  cotangent = jnp.array([[1.0, -2.0, 0.5, 3.0], [jnp.inf, 1.0, -1.0, 0.0]])
-  want_value, want_grad = _vjp(_loop, maps, pairs, cotangent)
-  got_value, got_grad = _vjp(cpu_kernels.pair_l1, maps, pairs, cotangent)
+  cotangent = jnp.array([[[1.0, -2.0, 0.5, 3.0], [jnp.inf, 1.0, -1.0, 0.0]]] * 2)
+  want_value, want_grad = _vjp(_loop(2), x, pairs, cotangent)
+  got_value, got_grad = _vjp(_kernel(2), x, pairs, cotangent)
   np.testing.assert_array_equal(np.isnan(got_value), np.isnan(want_value))
   np.testing.assert_allclose(got_value, want_value, rtol=1e-6)  # nan == nan here
   np.testing.assert_array_equal(got_grad, want_grad)
-  assert np.isnan(got_value[0, 0]) and np.isnan(got_grad[1, 2, 7])  # inf − inf; inf·sign(0)
+  assert np.isnan(got_value[0, 0, 0]) and np.isnan(got_grad[1, 7, 6])  # inf − inf
+  assert not np.any(got_grad[..., 8])  # a nan free channel is not read
 
 
 def test_out_of_range_pair_indices_are_read_as_dynamic_slices_read_them():
-  """No read outside the maps: an index counts from the end if negative, then is clamped.
+  """No read outside a group: an index counts from the end if negative, then is clamped.
 
   (`group_coherence` rejects such indices when it can see them; traced ones
   cannot be checked.) The gradient is that of the value so read.
   """
-  maps = jnp.asarray(_maps(4, (2, 5, 9)))
+  x = jnp.asarray(_maps(4, (2, 9, 10)))  # G = 2, f = 5
   pairs = jnp.array([[-3, 2], [1, 9], [4, 0], [-9, 3]], jnp.int32)
   as_read = jnp.array([[2, 2], [1, 4], [4, 0], [0, 3]], jnp.int32)
-  cotangent = jnp.ones((2, 4))
-  got = _vjp(cpu_kernels.pair_l1, maps, pairs, cotangent)
-  for got_part, want_part in zip(got, _vjp(_loop, maps, as_read, cotangent)):
+  cotangent = jnp.ones((2, 2, 4))
+  got = _vjp(_kernel(2), x, pairs, cotangent)
+  for got_part, want_part in zip(got, _vjp(_loop(2), x, as_read, cotangent)):
     np.testing.assert_allclose(got_part, want_part, rtol=1e-6)
-  np.testing.assert_allclose(got[0], _loop(maps, pairs), rtol=1e-6)  # the loop reads alike
+  np.testing.assert_allclose(got[0], _loop(2)(x, pairs), rtol=1e-6)  # the loop reads alike
 
 
-def test_vmap_runs_the_kernel_per_element():
-  maps = jnp.asarray(_maps(5, (3, 2, 6, 20)))
+def test_leading_axes_and_vmap():
+  x = jnp.asarray(_maps(5, (3, 2, 20, 12)))  # two leading axes
   pairs = jnp.array([[0, 5], [3, 1]], jnp.int32)
-  batched = jax.vmap(lambda m: cpu_kernels.pair_l1(m, pairs))(maps)
-  np.testing.assert_array_equal(batched, cpu_kernels.pair_l1(maps, pairs))
+  both = cpu_kernels.pair_l1(x, pairs, num_groups=2)
+  assert both.shape == (3, 2, 2, 2)
+  np.testing.assert_array_equal(both[1], cpu_kernels.pair_l1(x[1], pairs, num_groups=2))
+  np.testing.assert_array_equal(jax.vmap(lambda m: cpu_kernels.pair_l1(m, pairs, num_groups=2))(x),
+                                both)
 
 
 def test_results_do_not_depend_on_the_thread_count(tmp_path, python_subprocess):
   """One XLA thread and the default pool give identical bits (each output has one owner)."""
-  np.save(tmp_path / 'maps.npy', _maps(6, (16, 5, 51, 256)))
+  np.save(tmp_path / 'psi.npy', _maps(6, (16, 256, 256)))
   code = f"""
     import os
     import jax, jax.numpy as jnp, numpy as np
     from cgl_jax import cpu_kernels, losses
-    maps = jnp.asarray(np.load({str(tmp_path / 'maps.npy')!r}))
+    psi = jnp.asarray(np.load({str(tmp_path / 'psi.npy')!r}))
     pairs = losses.sample_pairs(jax.random.key(1), 51, 153)
-    value, pullback = jax.vjp(lambda m: cpu_kernels.pair_l1(m, pairs), maps)
+    value, pullback = jax.vjp(lambda m: cpu_kernels.pair_l1(m, pairs, num_groups=5), psi)
     grad = pullback(jnp.cos(value))[0]
-    np.save(os.environ['OUT'], np.concatenate([np.ravel(value), np.ravel(grad)]))
+    concentration, pullback = jax.vjp(cpu_kernels.spatial_concentration_maps,
+                                      psi.reshape(16, 16, 16, 256))
+    grad_concentration = pullback(jnp.sin(concentration))[0]
+    np.save(os.environ['OUT'], np.concatenate([np.ravel(a) for a in (
+        value, grad, concentration, grad_concentration)]))
   """
   python_subprocess(code, env={'OUT': str(tmp_path / 'pool.npy')})
   python_subprocess(code, env={'OUT': str(tmp_path / 'one.npy'), 'XLA_FLAGS': (
@@ -118,9 +135,11 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path, python_subprocess):
 
 def test_rejects_what_it_cannot_compute():
   with pytest.raises(TypeError, match='float32 or float64 values; got bfloat16'):
-    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4), jnp.bfloat16), jnp.array([[0, 1]]))
+    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4), jnp.bfloat16), jnp.array([[0, 1]]), num_groups=2)
   with pytest.raises(ValueError, match=r'pair_indices must have shape \[r, 2\]; got \(3,\)'):
-    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4)), jnp.array([0, 1, 2]))
+    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4)), jnp.array([0, 1, 2]), num_groups=2)
+  with pytest.raises(ValueError, match=r'num_groups must lie in \[1, C = 4\]; got 5'):
+    cpu_kernels.pair_l1(jnp.zeros((2, 3, 4)), jnp.array([[0, 1]]), num_groups=5)
 
 
 # ----------------------------------------------------------------------------

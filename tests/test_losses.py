@@ -194,7 +194,8 @@ def test_group_coherence_gradient_matches_finite_differences(options, pair_l1_im
 # kernels and the matmuls. All run here (on the CPU) by patching the dispatcher.
 @pytest.fixture(params=sorted(losses.SAMPLED_PAIR_SUMS))
 def pair_l1_implementation(request, monkeypatch):
-  monkeypatch.setattr(losses, '_sampled_pair_l1', pair_sums_here(request.param))
+  monkeypatch.setattr(losses, '_sampled_pair_l1',
+                      losses.grouped_pair_sums(pair_sums_here(request.param)))
   return request.param
 
 
@@ -226,12 +227,13 @@ def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, im
     pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
   monkeypatch.setattr(jax, 'device_count', lambda: devices)
   with jax.enable_x64(dtype == 'float64'):
-    maps = jnp.asarray(uniform(12, (3, 20, 2, 6)), dtype)  # [B, HW, G, f]
+    psi = jnp.asarray(uniform(12, (3, 20, 13)), dtype)  # [B, HW, C]: G = 2, f = 6, one free
     pairs = jnp.array([(0, 5), (5, 0), (2, 3)], jnp.int32)
     forward, backward = cpu_kernels.TARGETS['PairL1'][jnp.dtype(dtype)]
-    for fn, target in ((losses._sampled_pair_l1, forward), (
-        jax.grad(lambda m, p: jnp.sum(losses._sampled_pair_l1(m, p) ** 2)), backward)):
-      module = _lowered_text(fn, platform, maps, pairs)
+    pair_sums = functools.partial(losses._sampled_pair_l1, num_groups=2)
+    for fn, target in ((pair_sums, forward), (
+        jax.grad(lambda m, p: jnp.sum(pair_sums(m, p) ** 2)), backward)):
+      module = _lowered_text(fn, platform, psi, pairs)
       assert ('stablehlo.dot_general' in module) == (implementation == 'matmul'), platform
       assert ('xla.gpu.triton' in module) == (implementation == 'pallas'), platform
       assert (f'@{target}(' in module) == (implementation == 'cpu_kernel'), platform
@@ -242,22 +244,24 @@ def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, im
 def test_cpu_falls_back_to_the_loop_without_the_kernel(monkeypatch):
   """Where the C++ kernel does not build (or is switched off), the CPU gets the XLA loop."""
   monkeypatch.setattr(losses, '_cpu_kernel_module', lambda: None)
-  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))
+  psi = jnp.asarray(uniform(12, (3, 20, 12)))
   pairs = jnp.array([(0, 5), (2, 3)], jnp.int32)
-  module = _lowered_text(losses._sampled_pair_l1, 'cpu', maps, pairs)
+  module = _lowered_text(functools.partial(losses._sampled_pair_l1, num_groups=2), 'cpu', psi,
+                         pairs)
   assert 'stablehlo.while' in module and 'CglPairL1' not in module
   with pytest.raises(ImportError, match='did not build or load here'):
-    losses._cpu_kernel_pair_l1(maps, pairs)
+    losses._cpu_kernel_pair_l1(psi.reshape(3, 20, 2, 6), pairs)
 
 
 def test_cuda_falls_back_to_the_matmuls_without_pallas(monkeypatch):
   """A jaxlib without Pallas' Triton bindings still traces and lowers 'sampled' everywhere."""
   monkeypatch.setattr(losses, '_pallas_module', lambda: None)
-  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))
+  psi = jnp.asarray(uniform(12, (3, 20, 12)))
   pairs = jnp.array([(0, 5), (2, 3)], jnp.int32)
-  assert 'stablehlo.dot_general' in _lowered_text(losses._sampled_pair_l1, 'cuda', maps, pairs)
+  assert 'stablehlo.dot_general' in _lowered_text(
+      functools.partial(losses._sampled_pair_l1, num_groups=2), 'cuda', psi, pairs)
   with pytest.raises(ImportError, match='need jax.experimental.pallas.triton'):
-    losses._pallas_pair_l1(maps, pairs)
+    losses._pallas_pair_l1(psi.reshape(3, 20, 2, 6), pairs)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])

@@ -1,16 +1,21 @@
 // L_g's sampled pair sums on the CPU as two XLA FFI handlers, forward and backward.
 //
-//   out[m, k]   = Σ_n |maps[m, i_k, n] − maps[m, j_k, n]|                  (forward)
-//   grad[m, i]  = Σ over the pairs k that contain i, with partner o,        (backward)
-//                 cot[m, k] · sign(maps[m, i, :] − maps[m, o, :])
+//   out[m, g, k]     = Σ_n |x[m, n, g·f + i_k] − x[m, n, g·f + j_k]|             (forward)
+//   grad[m, g, i, n] = Σ over the pairs k that contain i, with partner o,        (backward)
+//                      cot[m, g, k] · sign(x[m, n, g·f + i] − x[m, n, g·f + o])
 //
-// maps is [..., f, N] (filter-major: each filter's map is a contiguous row of N
-// positions), flattened to M = prod(...) blocks of f rows; pairs is int32 [r, 2].
-// Blocks are independent: one block's f rows (e.g. 51 × 1024 floats = 204 KB)
-// stay in L2 across all its pairs, so ψ is read from memory once per pass, and
-// the blocks are spread over XLA's intra-op thread pool. Each output element is
-// computed by one thread in a fixed order, so results do not depend on the
-// number of threads. Built and loaded by cgl_jax/cpu_kernels.py.
+// x is channels-last [..., N, C] (ψ with its positions flattened), flattened to M
+// = prod(...) blocks; group g holds channels [g·f, (g+1)·f) with f = C // G (the
+// C − G·f free channels are not read); pairs is int32 [r, 2]. A work unit is one
+// block and group: its f channels are first copied into a filter-major [f, N]
+// buffer (204 KB at f = 51, N = 32×32), which stays in L2 across all r pairs, so
+// ψ is read from memory once per pass and XLA need not write a filter-major copy
+// of ψ. The backward writes the gradient filter-major, [M, G, f, N], one
+// contiguous row per filter (cgl_jax/cpu_kernels.py moves it back to
+// channels-last, which XLA fuses into the consumer). Units are spread over XLA's
+// intra-op thread pool; each output element is computed by one thread in a
+// fixed order, so results do not depend on the number of threads. Built and
+// loaded by cgl_jax/cpu_kernels.py.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -53,23 +58,45 @@ inline T Sign(T d) {
 }
 
 struct Shape {
-  int64_t blocks, filters, positions, pairs;
+  int64_t blocks, positions, channels, groups, filters, pairs;
+  // Row stride of the unit's filter-major buffers: N plus 16 values, so that a
+  // power-of-two N (1,024 at 32×32) does not put all f rows in one L1 set.
+  int64_t row_stride() const { return positions + 16; }
 };
 
 template <typename T, ffi::DataType D>
-ffi::Error CheckShapes(const ffi::Buffer<D>& maps, const ffi::Buffer<ffi::S32>& pairs,
-                       Shape* shape) {
-  const auto dims = maps.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("maps must have rank >= 2 [..., f, N]");
+ffi::Error CheckShapes(const ffi::Buffer<D>& x, const ffi::Buffer<ffi::S32>& pairs,
+                       int64_t groups, Shape* shape) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2 [..., N, C]");
   const auto pair_dims = pairs.dimensions();
   if (pair_dims.size() != 2 || pair_dims[1] != 2)
     return ffi::Error::InvalidArgument("pair_indices must have shape [r, 2]");
-  shape->filters = dims[dims.size() - 2];
-  shape->positions = dims[dims.size() - 1];
+  shape->positions = dims[dims.size() - 2];
+  shape->channels = dims[dims.size() - 1];
+  if (groups < 1 || shape->channels / groups < 1)
+    return ffi::Error::InvalidArgument("num_groups must lie in [1, C]");
+  shape->groups = groups;
+  shape->filters = shape->channels / groups;
   shape->blocks = 1;
   for (size_t d = 0; d + 2 < dims.size(); ++d) shape->blocks *= dims[d];
   shape->pairs = pair_dims[0];
   return ffi::Error::Success();
+}
+
+// Copies unit (m, g)'s f channels of x [N, C] (channels-last) into rows [f, N].
+// Blocks of 16 positions: each read stays within 16 rows of x, each write fills
+// 16 consecutive values of a row, so both sides stay in cache.
+template <typename T>
+void GatherRows(const T* x, const Shape& s, T* rows) {
+  constexpr int64_t kTile = 16;
+  for (int64_t n0 = 0; n0 < s.positions; n0 += kTile) {
+    const int64_t n1 = std::min(s.positions, n0 + kTile);
+    for (int64_t i = 0; i < s.filters; ++i) {
+      T* row = rows + i * s.row_stride();
+      for (int64_t n = n0; n < n1; ++n) row[n] = x[n * s.channels + i];
+    }
+  }
 }
 
 // Pair filters as jax's dynamic slices read them: a negative index counts from
@@ -84,20 +111,22 @@ std::vector<int32_t> ClampedPairs(const int32_t* pairs, int64_t num_pairs, int64
 }
 
 template <typename T, ffi::DataType D>
-ffi::Error PairL1Forward(ffi::ThreadPool pool, ffi::Buffer<D> maps, ffi::Buffer<ffi::S32> pairs,
-                         ffi::ResultBuffer<D> out) {
+ffi::Error PairL1Forward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<ffi::S32> pairs,
+                         ffi::ResultBuffer<D> out, int64_t groups) {
   Shape s;
-  if (ffi::Error error = CheckShapes<T, D>(maps, pairs, &s); error.failure()) return error;
+  if (ffi::Error error = CheckShapes<T, D>(x, pairs, groups, &s); error.failure()) return error;
   const std::vector<int32_t> pair = ClampedPairs(pairs.typed_data(), s.pairs, s.filters);
-  const T* data = maps.typed_data();
-  T* result = out->typed_data();
-  cgl_jax::ParallelFor(pool, s.blocks, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const T* block = data + m * s.filters * s.positions;
+  const T* data = x.typed_data();
+  T* result = out->typed_data();  // [M, G, r]
+  cgl_jax::ParallelFor(pool, s.blocks * s.groups, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(s.filters * s.row_stride());
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t m = unit / s.groups, g = unit % s.groups;
+      GatherRows(data + m * s.positions * s.channels + g * s.filters, s, rows.data());
       for (int64_t k = 0; k < s.pairs; ++k) {
-        result[m * s.pairs + k] = AbsDifferenceSum(block + pair[2 * k] * s.positions,
-                                                   block + pair[2 * k + 1] * s.positions,
-                                                   s.positions);
+        result[unit * s.pairs + k] = AbsDifferenceSum(rows.data() + pair[2 * k] * s.row_stride(),
+                                                      rows.data() + pair[2 * k + 1] * s.row_stride(),
+                                                      s.positions);
       }
     }
   });
@@ -130,28 +159,30 @@ Incidences SortedIncidences(const std::vector<int32_t>& pair, int64_t num_pairs,
 }
 
 template <typename T, ffi::DataType D>
-ffi::Error PairL1Backward(ffi::ThreadPool pool, ffi::Buffer<D> maps, ffi::Buffer<ffi::S32> pairs,
-                          ffi::Buffer<D> cotangent, ffi::ResultBuffer<D> grad) {
+ffi::Error PairL1Backward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<ffi::S32> pairs,
+                          ffi::Buffer<D> cotangent, ffi::ResultBuffer<D> grad, int64_t groups) {
   Shape s;
-  if (ffi::Error error = CheckShapes<T, D>(maps, pairs, &s); error.failure()) return error;
-  if (cotangent.element_count() != static_cast<size_t>(s.blocks * s.pairs))
-    return ffi::Error::InvalidArgument("cotangent must have one value per block and pair");
+  if (ffi::Error error = CheckShapes<T, D>(x, pairs, groups, &s); error.failure()) return error;
+  if (cotangent.element_count() != static_cast<size_t>(s.blocks * s.groups * s.pairs))
+    return ffi::Error::InvalidArgument("cotangent must have shape [..., G, r]");
   const std::vector<int32_t> pair = ClampedPairs(pairs.typed_data(), s.pairs, s.filters);
   const Incidences inc = SortedIncidences(pair, s.pairs, s.filters);
-  const T* data = maps.typed_data();
+  const T* data = x.typed_data();
   const T* cot = cotangent.typed_data();
   T* result = grad->typed_data();
-  const int64_t n = s.positions;
-  cgl_jax::ParallelFor(pool, s.blocks, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const T* block = data + m * s.filters * n;
+  const int64_t n = s.positions, stride = s.row_stride();
+  cgl_jax::ParallelFor(pool, s.blocks * s.groups, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(s.filters * stride);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t m = unit / s.groups, g = unit % s.groups;
+      GatherRows(data + m * n * s.channels + g * s.filters, s, rows.data());
       for (int64_t f = 0; f < s.filters; ++f) {
-        T* row = result + (m * s.filters + f) * n;
+        T* __restrict__ row = result + (unit * s.filters + f) * n;  // [M, G, f, N]
         std::fill(row, row + n, T(0));
-        const T* own = block + f * n;
+        const T* __restrict__ own = rows.data() + f * stride;
         for (int64_t e = inc.starts[f]; e < inc.starts[f + 1]; ++e) {
-          const T* partner = block + inc.other[e] * n;
-          const T c = cot[m * s.pairs + inc.pair[e]];
+          const T* __restrict__ partner = rows.data() + inc.other[e] * stride;
+          const T c = cot[unit * s.pairs + inc.pair[e]];
           for (int64_t p = 0; p < n; ++p) row[p] += c * Sign(own[p] - partner[p]);
         }
       }
@@ -168,14 +199,16 @@ ffi::Error PairL1Backward(ffi::ThreadPool pool, ffi::Buffer<D> maps, ffi::Buffer
                                     .Ctx<ffi::ThreadPool>()                                   \
                                     .Arg<ffi::Buffer<D>>()                                    \
                                     .Arg<ffi::Buffer<ffi::S32>>()                             \
-                                    .Ret<ffi::Buffer<D>>());                                  \
+                                    .Ret<ffi::Buffer<D>>()                                    \
+                                    .Attr<int64_t>("num_groups"));                            \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(CglPairL1Backward##SUFFIX, (PairL1Backward<T, D>),           \
                                 ffi::Ffi::Bind()                                              \
                                     .Ctx<ffi::ThreadPool>()                                   \
                                     .Arg<ffi::Buffer<D>>()                                    \
                                     .Arg<ffi::Buffer<ffi::S32>>()                             \
                                     .Arg<ffi::Buffer<D>>()                                    \
-                                    .Ret<ffi::Buffer<D>>());
+                                    .Ret<ffi::Buffer<D>>()                                    \
+                                    .Attr<int64_t>("num_groups"));
 
 CGL_DEFINE_PAIR_L1_HANDLERS(F32, float, ffi::F32)
 CGL_DEFINE_PAIR_L1_HANDLERS(F64, double, ffi::F64)
