@@ -20,7 +20,10 @@ Conventions:
     device gets the value of the full (global) batch.
 
 This module imports jax only (no flax, no TensorFlow, nothing else from cgl_jax)
-so other JAX projects can use it on its own.
+so other JAX projects can use it on its own. On a single CPU device it also uses
+the C++ kernels of `cgl_jax.cpu_kernels` (imported lazily, built on first use)
+for L_g's sampled pair sums and for L_s; where they are missing or do not build,
+its XLA implementations give the same results.
 """
 import functools
 import numbers
@@ -401,8 +404,15 @@ def _loop_pair_l1(maps: Array, pair_indices: Array) -> Array:
 
 @functools.cache
 def _cpu_kernel_module():
-  """`cgl_jax.cpu_kernels` if its C++ kernels build and load here, else None."""
-  from cgl_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  """`cgl_jax.cpu_kernels` if its C++ kernels build and load here, else None.
+
+  Also None where this module was copied without the rest of cgl_jax: the XLA
+  implementations then serve the CPU.
+  """
+  try:
+    from cgl_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
   return cpu_kernels if cpu_kernels.available() else None
 
 
@@ -425,10 +435,9 @@ def _cpu_kernel_channels_last_pair_l1(x: Array, pair_indices: Array, num_groups:
   step runs beside them; the kernels copy each image's group into an L2-sized
   filter-major buffer, keep it there across the pairs, and use all of XLA's
   intra-op threads. Reading ψ channels-last (free channels included) saves the
-  filter-major copy of ψ that the loop needs. ShapesCNN conv2 (B = 32, 32×32,
-  G = 5, f = 51, r = 153), 2 cores: forward 1.6 against 8 ms, backward 4.7
-  against 22 ms (experiments/bench_losses.py), and the train step lost the
-  6 ms transpose.
+  filter-major copy of ψ that the loop needs. In the ShapesCNN train step (conv2:
+  B = 32, 32×32, G = 5, f = 51, r = 153; 2 cores): forward 4.5 ms against 8 ms
+  for the loop plus a 6 ms transpose, backward 7.4 against 22 ms.
   """
   module = _cpu_kernel_module()
   if module is None:
@@ -772,9 +781,10 @@ def _cpu_kernel_spatial_concentration_maps(x: Array, eps: float) -> Array:
   """`_spatial_concentration_maps` as a C++ kernel (`cgl_jax.cpu_kernels`): CPU, reverse mode.
 
   XLA makes some eight passes over ψ for L_s's value and gradient, each a trip
-  through memory on one core; the kernel makes two (forward) and three
-  (backward) per image and channel slice while it is in cache, on all intra-op
-  threads.
+  through memory on one core; the kernels make two (forward) and one (backward,
+  which returns four coefficients per map; XLA forms the element-wise gradient in
+  its consumer) per image and channel slice while it is in cache, on all
+  intra-op threads.
   """
   return _cpu_kernel_module().spatial_concentration_maps(x, eps=eps)
 

@@ -14,11 +14,14 @@ Models: `shapes_paper` (configs/shapes.py:cgl,paper: ShapesCNN 128/256, 64×64) 
 Timing: compile and `--warmup` steps excluded; then `--repeats` rounds, each timing `--steps`
 steps of ce and of cgl back to back (interleaved, so load drifts on a shared machine hit both);
 the reported figure per step kind is the median over rounds. Target (issue 3): cgl time ≤ 1.10×
-the ce time.
+the ce time. The verdict uses the per-round ratios: a distribution-free confidence interval for
+their median (binomial order statistics, ≥ 90 % where the number of rounds allows; 15 rounds: the
+2nd and 14th smallest, 96 %) is `met` when it lies at or under 1.10, `missed` when over.
 
-`--pair_sums=loop,matmul,pallas` adds one full CGL step kind per named implementation of the sampled
-pair sums in L_g (e.g. `cgl[matmul]`), forced instead of the one the library picks for the device
-(`experiments/bench_losses.py` lists them).
+`--pair_sums=loop,cpu_kernel,matmul,pallas` adds one full CGL step kind per named implementation of
+the sampled pair sums in L_g (e.g. `cgl[matmul]`), forced instead of the one the library picks for
+the device (`experiments/bench_losses.py` lists them). `--without_cpu_kernels` adds `cgl[xla]`,
+the full CGL step traced with losses' XLA code instead of the C++ CPU kernels (cgl_jax.cpu_kernels).
 
 `--breakdown` adds one step kind per active CGL term, cross-entropy + that term alone (e.g. `l_g`),
 to show where the cost of the full step comes from, and every kind's XLA cost estimate (GFLOP and
@@ -29,14 +32,14 @@ less noisy, best with single-threaded XLA
 
 Measured (CGL / CE step time, batch 32; JSON in results/). Each round times ce and cgl back to
 back, so the per-round ratio's range is printed too: on this shared machine it spans ±5 %.
-  2-core CPU, 2 threads, wall clock (--repeats 9), this code (L_g's CPU backward walks filters,
-    its forward is one fused pass per pair): ShapesCNN 1.10, rounds 1.07–1.15 (1.13, rounds
-    1.06–1.18, with the walk alone; A/B runs within one process, kinds in shuffled order: loop over
-    pairs 1.112 → walk 1.101; walk → walk + fused forward −10 to −23 ms); AlexNet 1.03;
+  2-core CPU, 2 threads, wall clock (--repeats 15), this code (C++ CPU kernels for L_g's pair sums
+    and L_s): ShapesCNN 1.053 (round median 1.055, 96 % interval 1.042–1.073, rounds 1.03–1.12),
+    AlexNet 1.001; in a second run with --without_cpu_kernels --repeats 9: ShapesCNN 1.045, the
+    XLA code 1.106. Earlier code, XLA loops: ShapesCNN 1.10 (rounds 1.07–1.15), AlexNet 1.03;
   1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2), this code:
-    ShapesCNN 1.12, rounds 1.09–1.13 (R_bn alone 1.02, L_g 1.10, L_s 1.05); walk alone 1.11 (0.99,
-    1.06, 1.04); loop over pairs 1.11–1.13 (L_g 1.08–1.12); AlexNet 1.02–1.04. R_bn alone adds no
-    measurable work, so its 0.99–1.02 shows this machine's run-to-run noise;
+    ShapesCNN 1.044 (R_bn alone 0.99, L_g 1.02, L_s 1.02), AlexNet 1.004; XLA loops: ShapesCNN 1.12
+    (1.02, 1.10, 1.05), AlexNet 1.02–1.04. R_bn alone adds no measurable work, so its 0.99–1.02
+    shows this machine's run-to-run noise;
   H200 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), Pallas pair sums (the GPU
     path is unchanged since): ShapesCNN
     1.46 (0.73 → 1.06 ms; R_bn 1.00, L_g 1.29, L_s 1.25), cgl[matmul] 1.83; AlexNet (with 13×13
@@ -62,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgl_jax import checkpoints, regularize, train
+from cgl_jax import checkpoints, losses, regularize, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_losses import PAIR_SUMS, pair_sums  # pylint: disable=g-import-not-at-top
@@ -176,6 +179,20 @@ def target_verdict(round_ratios) -> str:
   return 'on the line'
 
 
+WITHOUT_CPU_KERNELS = 'cgl[xla]'
+
+
+@contextlib.contextmanager
+def without_cpu_kernels():
+  """Within the block, functions traced use losses' XLA code on the CPU, not cgl_jax.cpu_kernels."""
+  original = losses._cpu_kernel_module
+  losses._cpu_kernel_module = lambda: None
+  try:
+    yield
+  finally:
+    losses._cpu_kernel_module = original
+
+
 def bench_model(name: str, args) -> dict:
   config = load_config(name, batch_size=args.batch_size, dtype=args.dtype)
   configs = {'ce': ce_only(config), 'cgl': config}
@@ -184,6 +201,8 @@ def bench_model(name: str, args) -> dict:
                     for term in regularize.active_terms(config.cgl)})
   forced = {f'cgl[{name}]': name for name in args.pair_sums}
   configs.update({kind: config for kind in forced})
+  if args.without_cpu_kernels:
+    configs[WITHOUT_CPU_KERNELS] = config
   clock = CLOCKS[args.clock]
   runners, costs = {}, {}
   for kind, kind_config in configs.items():
@@ -191,7 +210,8 @@ def bench_model(name: str, args) -> dict:
     runners[kind] = dict(step=step, state=state, batch=batch, key=key)
     start = time.perf_counter()
     # jit traces on the first call: force the pair sums there (and for the cost estimate).
-    with pair_sums(forced[kind]) if kind in forced else contextlib.nullcontext():
+    with (pair_sums(forced[kind]) if kind in forced else
+          without_cpu_kernels() if kind == WITHOUT_CPU_KERNELS else contextlib.nullcontext()):
       if args.breakdown:
         costs[kind] = cost_estimate(step, state, batch, key)
       run_steps(runners[kind], 1)  # compile
@@ -243,6 +263,9 @@ def main(argv=None) -> int:
   parser.add_argument('--pair_sums', default='',
                       help=f'comma-separated, from {sorted(PAIR_SUMS)}: also time the full CGL '
                       'step with these sampled-pair implementations forced')
+  parser.add_argument('--without_cpu_kernels', action='store_true',
+                      help=f'also time the full CGL step with the XLA code instead of the C++ CPU '
+                      f'kernels (kind {WITHOUT_CPU_KERNELS})')
   parser.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = parser.parse_args(argv)
   for flag, low in (('steps', 1), ('repeats', 1), ('warmup', 0), ('batch_size', 1)):
@@ -274,7 +297,7 @@ def main(argv=None) -> int:
           f'{result["cgl_over_ce_time"]:12.3f} {statistics.median(rounds):7.3f} '
           f'[{interval["low"]:.3f}, {interval["high"]:.3f}] {min(rounds):6.3f}–{max(rounds):.3f}  '
           f'{result["target"]} ({interval["coverage"]:.0%} interval)')
-  if args.breakdown or args.pair_sums:
+  if args.breakdown or args.pair_sums or args.without_cpu_kernels:
     print(f'\n{"model":14s} {"step":12s} {"ms/step":>9s} {"/ce time":>9s} {"GFLOP":>8s} {"GB":>7s}')
     for result in results:
       for kind, seconds in result['seconds_per_step'].items():

@@ -1,9 +1,14 @@
-"""experiments/bench_train.py: the target verdict and a tiny end-to-end run writing its JSON."""
+"""experiments/bench_train.py: the target verdict, the XLA-only kind and tiny end-to-end runs."""
 import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from cgl_jax import cpu_kernels
+from cgl_jax import losses
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'experiments'))
@@ -47,3 +52,20 @@ def test_bad_counts_are_rejected_by_name(flag, capsys):
   with pytest.raises(SystemExit):
     bench_train.main(['--models=shapes_small', flag])
   assert f'--{flag[2:].split("=")[0]} must be >=' in capsys.readouterr().err
+
+
+def test_without_cpu_kernels_traces_the_xla_code():
+  x = jnp.zeros((2, 4, 4, 6))
+  with bench_train.without_cpu_kernels():
+    assert not losses._use_cpu_kernels(x)
+    lowered = jax.jit(lambda p: losses.spatial_concentration(p)).lower(x).as_text()
+  assert 'CglSpatialConcentration' not in lowered
+  assert losses._use_cpu_kernels(x) == cpu_kernels.available()  # restored
+
+
+def test_without_cpu_kernels_adds_a_timed_kind(tmp_path):
+  out = tmp_path / 'bench.json'
+  assert bench_train.main(['--models=shapes_small', '--batch_size=4', '--steps=1', '--warmup=0',
+                           '--repeats=1', '--without_cpu_kernels', f'--json={out}']) == 0
+  result, = json.loads(out.read_text())['results']
+  assert set(result['seconds_per_step']) == {'ce', 'cgl', bench_train.WITHOUT_CPU_KERNELS}
