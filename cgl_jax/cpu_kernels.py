@@ -69,6 +69,7 @@ import jaxlib
 import numpy as np
 
 Array = jax.Array
+_LOG = logging.getLogger(__name__)
 
 SOURCE_DIR = pathlib.Path(__file__).parent / 'csrc'
 # -fno-math-errno and -fno-trapping-math let sqrt and division vectorise under a select (no
@@ -131,10 +132,9 @@ def _build_key(compiler: str) -> str:
   except (OSError, subprocess.SubprocessError) as error:
     raise KernelBuildError(f'cannot run the C++ compiler {compiler!r}: {error}') from error
   digest = hashlib.sha256()
-  files = sorted(SOURCE_DIR.glob('*.cc')) + sorted(SOURCE_DIR.glob('*.h'))
+  files = sources() + sorted(SOURCE_DIR.glob('*.h'))
   for part in (*(f.name.encode() + f.read_bytes() for f in files), version.encode(),
-               ' '.join(FLAGS).encode(),
-               jaxlib.__version__.encode(), _cpu_identity().encode()):
+               ' '.join(FLAGS).encode(), jaxlib.__version__.encode(), _cpu_identity().encode()):
     digest.update(part)
     digest.update(b'\0')
   return digest.hexdigest()[:16]
@@ -204,9 +204,9 @@ def available() -> bool:
   try:
     _register()
   except (KernelBuildError, OSError, AttributeError) as error:
-    logging.warning('cgl_jax: the C++ CPU kernels for L_g and L_s are unavailable, so XLA '
-                    'implementations are used (same results, slower on the CPU): %s. Set %s=0 '
-                    'to skip the build and this message.', error, DISABLE_ENV)
+    _LOG.warning('cgl_jax: the C++ CPU kernels for L_g and L_s are unavailable, so XLA '
+                 'implementations are used (same results, slower on the CPU): %s. Set %s=0 to '
+                 'skip the build and this message.', error, DISABLE_ENV)
     return False
   return True
 
