@@ -397,7 +397,7 @@ def _loop_pair_l1(maps: Array, pair_indices: Array) -> Array:
   `_matmul_pair_l1` does f/2 times the arithmetic of a difference and writes
   B·HW·G·r differences forward and backward: at B = 32, 32×32, G = 5, f = 51,
   r = 153 its value-and-grad took 223 ms of one CPU thread, the loop 119 ms.
-  The C++ kernel (`_cpu_kernel_pair_l1`) replaced this loop where it builds.
+  The C++ kernels (`_cpu_kernel_channels_last_pair_l1`) replace this loop where they build.
   """
   return jnp.moveaxis(_filter_major_pair_l1(_filter_major(maps), pair_indices), 0, -1)
 
