@@ -16,8 +16,10 @@ AdamW is). With R_bn on (λ_bn > 0) the weight decay is 0 on every parameter (me
 Parallelism: a 1-D mesh `('data',)` over all devices; batches are `NamedSharding(mesh, P('data'))`,
 the train state is replicated (`P()`). Under `jax.jit` every batch reduction (CE mean, BN
 statistics, the per-channel std of the soft masks, metrics) is over the GLOBAL batch, so N devices
-compute what one device would on the same global batch. Each process loads only its share of the
-batch (`process_index`, `process_count`).
+compute what one device would on the same global batch. With several processes (one per host,
+`cgl_jax.distributed`) each process decodes only its rows of each global batch, and the global
+batches do not depend on the topology (input_pipeline), so 1 process × N devices and N processes
+× 1 device train the same model, and a checkpoint resumes under any topology.
 
 Determinism and resume: everything random is a function of (config.seed, step): the data order
 (`input_pipeline.create_split(start_step=…)`), dropout and the sampled L_g pairs
@@ -49,7 +51,7 @@ from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cgl_jax import checkpoints, input_pipeline, models, regularize
+from cgl_jax import checkpoints, distributed, input_pipeline, models, regularize
 from cgl_jax.config_validation import validate_config
 
 Batch = Mapping[str, Any]
@@ -373,8 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       config.optimizer, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
   tx = create_optimizer(config.optimizer, learning_rate=learning_rate,
                         weight_decay=effective_weight_decay(config))
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = jax.device_put(train_key, replicated)
+  # Made inside jit: a host-local key cannot be device_put onto devices of other processes.
+  init_key, train_key = jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed))),
+                                out_shardings=replicated)()
 
   state = jax.jit(
       functools.partial(create_train_state, model, tx, image_size=config.dataset.image_size,
@@ -422,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   train_metrics = None
   try:
-    with metric_writers.ensure_flushes(writer):
+    with distributed.peer_failures_raise('training'), metric_writers.ensure_flushes(writer):
       for step in range(initial_step + 1, num_train_steps + 1):
         is_last = step == num_train_steps
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
