@@ -2,9 +2,9 @@
 
 Each run is `multiprocess_util.run_processes` (fresh processes, a free port, a timeout, no process
 left behind) over test_train's subprocess template, on test_train's tiny ShapesCNN and its
-`cgl_shapes/binary_tiny` data. The references are in-process runs with 1 process × 1 device:
-2 processes × 1 device and 1 process × 2 devices must reach the same parameters, and a
-checkpoint must resume under the other topology to the uninterrupted run's parameters.
+`cgl_shapes/binary_tiny` data. The reference is an in-process run with 1 process × 1 device: a run
+that moves from 1 process to 2 and back through its checkpoints must reach its parameters at
+every checkpoint (1 process × N devices: test_train.test_eight_devices_match_one_device).
 """
 import re
 import shutil
@@ -14,11 +14,11 @@ import pytest
 
 from cgl_jax import checkpoints, train
 from multiprocess_util import run_processes
-from test_train import (_SUBPROCESS_TRAIN, _assert_params_equal, _shapes, _subprocess_train,
-                        data_dir, flat_params)  # pylint: disable=unused-import  (fixture)
+from test_train import (_SUBPROCESS_TRAIN, _assert_params_equal, _shapes, data_dir,
+                        flat_params)  # pylint: disable=unused-import  (fixture)
 
 TIMEOUT = 300  # seconds for one multi-process run (a tiny one takes ~30 s on 2 busy cores)
-HEARTBEAT_TIMEOUT = 10  # seconds: a failed test stops soon instead of waiting 100 s
+HEARTBEAT_TIMEOUT = 5  # seconds: a dead process is detected soon (jax's default: 100 s)
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # XLA may sum a batch in another order per topology
 
 _JOIN = '''
@@ -50,58 +50,39 @@ def _max_difference(actual, expected):
 
 
 @pytest.fixture(scope='module')
-def one_process(data_dir, tmp_path_factory):
-  """1 process × 1 device: a 3-step workdir and the params after 3 and after 6 straight steps."""
-  workdir = tmp_path_factory.mktemp('one_process_3')
-  three = train.train_and_evaluate(_shapes(data_dir, num_train_steps=3), str(workdir))
-  six = train.train_and_evaluate(_shapes(data_dir, num_train_steps=6),
-                                 str(tmp_path_factory.mktemp('one_process_6')))
-  return {'workdir': workdir, 'step3': flat_params(three.params),
-          'step6': flat_params(six.params)}
+def straight_run(data_dir, tmp_path_factory):
+  """1 process × 1 device, 6 uninterrupted steps, checkpoints at steps 2, 4, 6: the workdir."""
+  workdir = tmp_path_factory.mktemp('straight')
+  train.train_and_evaluate(_shapes(data_dir, num_train_steps=6, checkpoint_every_steps=2),
+                           str(workdir))
+  assert checkpoints.available_steps(workdir) == [2, 4, 6]
+  return workdir
 
 
-@pytest.fixture(scope='module')
-def two_processes(data_dir, tmp_path_factory):
-  """2 processes × 1 device, 3 steps: the workdir and the final params."""
-  workdir = tmp_path_factory.mktemp('two_processes_3')
-  _, params = _train_processes(workdir=workdir, out=workdir / 'params', num_train_steps=3,
-                               **{'dataset.data_dir': data_dir})
-  assert checkpoints.available_steps(workdir) == [3]
-  return {'workdir': workdir, 'step3': params}
+def _params_at(workdir, step):
+  return flat_params(checkpoints.restore_model(_shapes(None), workdir, step=step)[1]['params'])
 
 
-def test_two_processes_and_two_devices_train_like_one_device(one_process, two_processes,
-                                                             data_dir, tmp_path,
-                                                             python_subprocess):
-  two_devices = _subprocess_train(python_subprocess, workdir=tmp_path / 'two_devices',
-                                  out=tmp_path / 'p.npz', num_devices=2, num_train_steps=3,
-                                  **{'dataset.data_dir': data_dir})
-  for name, params in (('1 process x 2 devices', two_devices),
-                       ('2 processes x 1 device', two_processes['step3'])):
-    print(f'{name} vs 1 x 1 after 3 steps: max |difference| '
-          f'{_max_difference(params, one_process["step3"]):.3g}')
-    _assert_params_equal(params, one_process['step3'], **TOLERANCE)
-
-
-def test_checkpoints_resume_across_process_counts(one_process, two_processes, data_dir,
-                                                  tmp_path):
-  """Written by 2 processes → resumed by 1, and the other way round: both reach the params of
-  6 uninterrupted steps in 1 process."""
-  from_two = tmp_path / 'from_two'
-  shutil.copytree(two_processes['workdir'], from_two)
-  resumed_in_one = train.train_and_evaluate(_shapes(data_dir, num_train_steps=6), str(from_two))
-  assert checkpoints.available_steps(from_two) == [3, 6]
-
-  from_one = tmp_path / 'from_one'
-  shutil.copytree(one_process['workdir'], from_one)
-  _, resumed_in_two = _train_processes(workdir=from_one, out=tmp_path / 'params',
-                                       num_train_steps=6, **{'dataset.data_dir': data_dir})
-  assert checkpoints.available_steps(from_one) == [3, 6]
-  for name, params in (('2 processes -> 1', flat_params(resumed_in_one.params)),
-                       ('1 process -> 2', resumed_in_two)):
-    print(f'resumed {name} vs 6 straight steps: max |difference| '
-          f'{_max_difference(params, one_process["step6"]):.3g}')
-    _assert_params_equal(params, one_process['step6'], **TOLERANCE)
+def test_checkpoints_move_between_one_and_two_processes(straight_run, data_dir, tmp_path):
+  """Step 2 written by 1 process → steps 3, 4 in 2 processes × 1 device → steps 5, 6 in 1
+  process again: the parameters of the 2-process steps and the final ones are those of the
+  uninterrupted 1-process run."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight_run, workdir)
+  for step in (4, 6):  # as if the 1-process run had stopped after step 2
+    shutil.rmtree(workdir / checkpoints.CHECKPOINT_SUBDIR / str(step))
+  assert checkpoints.available_steps(workdir) == [2]
+  _, two_processes = _train_processes(workdir=workdir, out=tmp_path / 'params',
+                                      num_train_steps=4, checkpoint_every_steps=2,
+                                      **{'dataset.data_dir': data_dir})
+  assert checkpoints.available_steps(workdir) == [2, 4]
+  one_process = train.train_and_evaluate(
+      _shapes(data_dir, num_train_steps=6, checkpoint_every_steps=2), str(workdir))
+  for name, params, step in (('2 processes x 1 device, steps 3-4', two_processes, 4),
+                             ('then 1 process, steps 5-6', flat_params(one_process.params), 6)):
+    expected = _params_at(straight_run, step)
+    print(f'{name} vs 1 x 1: max |difference| {_max_difference(params, expected):.3g}')
+    _assert_params_equal(params, expected, **TOLERANCE)
 
 
 # Process 1 SIGKILLs itself when it starts its third train step.
