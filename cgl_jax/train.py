@@ -36,7 +36,6 @@ import collections
 import functools
 import itertools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +50,7 @@ from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cgl_jax import checkpoints, distributed, input_pipeline, models, regularize
+from cgl_jax import checkpoints, distributed, fileio, input_pipeline, models, regularize
 from cgl_jax.config_validation import validate_config
 
 Batch = Mapping[str, Any]
@@ -358,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Raises `config_validation.ConfigError` before compiling anything when the config cannot work,
   and `NonFiniteLossError` when a loss term becomes NaN/inf.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = fileio.as_path(workdir)  # local or remote (gs://…)
   model = checkpoints.create_model(config)
   conv_layers = model.conv_layers()
   validate_config(config, conv_layers=conv_layers, device_count=jax.device_count(),
@@ -398,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  checkpoints.checkpoint_dir(workdir))
   initial_step = int(state.step)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if initial_step == 0:
     writer.write_hparams(_flat_hparams(config))
   parameter_overview.log_parameter_overview(state.params)
