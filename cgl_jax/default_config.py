@@ -1,22 +1,28 @@
-"""Shared defaults for every cgl_jax config (the schema all configs extend).
+"""Shared defaults of every cgl_jax config (the schema all configs extend) and config-file helpers.
 
-Not meant to be run on its own; each config file loads this file (by path, so configs work from
-any working directory) and overrides what its experiment needs:
+Each file in `configs/` imports this module and overrides what its experiment needs:
 
-    _default = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
-    config = _default['get_config']()
+    from cgl_jax import default_config
+
+    def get_config(variant: str = 'cgl'):
+      options = default_config.parse_variant(variant, {'regularizer': default_config.REGULARIZERS})
+      config = default_config.get_config()
+      …
 
 Keys are documented where they are set. Variants: every config file takes a comma-separated
 variant string after its path (`--config=configs/shapes.py:rbn,paper`), parsed by `parse_variant`;
-the regulariser rows of the paper are set by `set_regularizer`.
+the regulariser rows of the paper are set by `set_regularizer`. `load_config_file` loads a config
+file the way `--config` does, for scripts without absl flags.
 """
+import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 
 # The paper's regulariser rows (Table 1; Tables 2/3 use baseline vs cgl).
 REGULARIZERS = ('cgl', 'baseline', 'rbn')
-BASELINE_WEIGHT_DECAY = 1e-4  # the authors' baselines (method.md)
+BASELINE_WEIGHT_DECAY = 1e-4  # the authors' baselines (docs/method.md)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -57,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 0.01
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 1e-4  # forced to 0 when config.cgl.lambda_bn > 0 (method.md)
+  config.optimizer.weight_decay = 1e-4  # 0 when config.cgl.lambda_bn > 0 (docs/method.md)
   config.optimizer.schedule = 'step'  # | 'warmup_cosine' | 'constant'
   config.optimizer.step_every_epochs = 30
   config.optimizer.step_factor = 0.1
@@ -126,7 +132,7 @@ def parse_variant(variant: str | None, choices: Mapping[str, Sequence[str]]) -> 
 
 def set_regularizer(config: ml_collections.ConfigDict, row: str, *, lambda_bn: float,
                     lambda_g: float, lambda_s: float) -> ml_collections.ConfigDict:
-  """Sets the objective of one of the paper's rows (method.md), in place; returns `config`.
+  """Sets the objective of one of the paper's rows (docs/method.md), in place; returns `config`.
 
   'baseline': cross-entropy + weight decay 1e-4 (no CGL term);
   'rbn':      cross-entropy + λ_bn·R_bn, weight decay 0 (R_bn replaces it);
@@ -142,7 +148,7 @@ def set_regularizer(config: ml_collections.ConfigDict, row: str, *, lambda_bn: f
   return config
 
 
-# The authors' settings for the large data sets (method.md, "Authors' training settings").
+# The authors' settings for the large data sets (docs/method.md, "Authors' training settings").
 AUTHORS_LAMBDA_BN = 1e-3  # their range: 1e-3 … 5e-3
 # λ_g, λ_s are not published (their sweep range: 1e-3 … 1e-1); these are our starting points.
 DEFAULT_LAMBDA_G = 1e-2
@@ -152,7 +158,7 @@ DEFAULT_LAMBDA_S = 1e-3
 def set_authors_recipe(config: ml_collections.ConfigDict, *, dataset: str, num_classes: int,
                        model: str, cgl_layers: Sequence[str], dissect_layers: Sequence[str],
                        dissect_image_size: int, regularizer: str) -> ml_collections.ConfigDict:
-  """The authors' ImageNet-style recipe (method.md), in place; returns `config`.
+  """The authors' ImageNet-style recipe (docs/method.md), in place; returns `config`.
 
   SGD momentum 0.9, lr 0.01 ×0.1 every 30 epochs, 90 epochs, batch 256; random-resized-crop 224
   + flip with ImageNet mean/std (eval: resize 256, center crop 224); G = 5; the regulariser row
@@ -186,3 +192,24 @@ def set_authors_recipe(config: ml_collections.ConfigDict, *, dataset: str, num_c
   config.dissect.layers = tuple(dissect_layers)
   config.dissect.image_size = dissect_image_size
   return config
+
+
+def load_config_file(path_and_variant: str) -> ml_collections.ConfigDict:
+  """`get_config(variant)` of a config file, loaded as `--config=path[:variant]` loads it.
+
+  Args:
+    path_and_variant: the file's path (absolute, or relative to the working directory),
+      optionally followed by ':' and the variant string (`'configs/shapes.py:rbn,paper'`);
+      without ':' the file's default variant is used.
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  path, has_variant, variant = path_and_variant.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} not found (working directory {os.getcwd()})')
+  name = 'cgl_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*([variant] if has_variant else []))
