@@ -114,12 +114,13 @@ def measure_ours(args, data, model, variables, mean, std):
   is the steady state a long dissection converges to (all executables cached)."""
   from cgl_jax.dissect import probe  # pylint: disable=g-import-not-at-top
   from cgl_jax.dissect import tally  # pylint: disable=g-import-not-at-top
-  layers = args.layers.split(',')
+  from cgl_jax.dissect.settings import DissectionSettings  # pylint: disable=g-import-not-at-top
+  settings = DissectionSettings(layers=tuple(args.layers.split(',')), mean=mean, std=std,
+                                quantile=args.quantile, batch_size=args.batch_size,
+                                image_size=64, top_images=10)
   passes = {}
-  run = lambda: probe.dissect_layers(
-      model, variables, data, layers=layers, mean=mean, std=std, quantile=args.quantile,
-      batch_size=args.batch_size, image_size=64, top_images=10, show_progress=False,
-      timings=passes)
+  run = lambda: probe.dissect_layers(model, variables, data, settings, show_progress=False,
+                                     timings=passes)
   start = time.perf_counter()
   run()
   cold = time.perf_counter() - start

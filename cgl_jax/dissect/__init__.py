@@ -6,8 +6,9 @@
                                                    set → DissectionResult (numbers only)
     write_report(result, outdir, step=…, data=…)   write a result's files (layout: report.py)
 
-The algorithm is in probe.py (passes), quantile.py (thresholds) and tally.py (IoU); results.py
-collects a layer's numbers, report.py formats them.
+`DissectionSettings` (settings.py) says what to compute. The algorithm is in probe.py (passes),
+quantile.py (thresholds) and tally.py (IoU, concept groups); results.py collects the numbers,
+report.py formats them.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import ml_collections
 
 from cgl_jax.data import broden as broden_lib
 from cgl_jax.dissect.report import write_report
-from cgl_jax.dissect.results import (DissectionResult, DissectionSettings, LayerResult, compute,
+from cgl_jax.dissect.results import (DissectionResult, LayerResult, compute,
                                      ratio_of_unique_detectors)
+from cgl_jax.dissect.settings import DissectionSettings
 
 __all__ = ['DissectionResult', 'DissectionSettings', 'LayerResult', 'compute', 'probe_directory',
            'ratio_of_unique_detectors', 'run', 'write_report']
