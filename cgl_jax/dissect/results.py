@@ -112,11 +112,10 @@ def compute(model, variables, data: broden_lib.Broden, settings: DissectionSetti
                                        len(categories))
     groups = []
     if settings.num_groups:
-      kernel = (tree_util.lookup(variables['params'], conv[name].kernel_path, what='params')
-                if name in conv else None)
+      kernel = tree_util.lookup(variables['params'], conv[name].kernel_path, what='params')
+      relevance = np.asarray(losses.group_relevance(jnp.asarray(kernel), settings.num_groups))
       groups = tally_lib.concept_group_rows(
-          concepts, layer=name, num_groups=settings.num_groups,
-          relevance=_group_relevance(kernel, settings.num_groups),
+          concepts, layer=name, num_groups=settings.num_groups, relevance=relevance,
           threshold=settings.iou_thresholds[0], categories=categories, label_names=label_names)
     _, _, top_maps = probe.top_image_maps(
         forward, variables, data, layer=name, top_indices=layer.top_indices,
@@ -147,9 +146,3 @@ def ratio_of_unique_detectors(layers: Sequence[LayerResult], *, threshold_index:
   return {'iou_threshold': threshold, 'layers': [layer.name for layer in last],
           'unique_detectors': unique, 'units': units, 'rud': unique / units}
 
-
-def _group_relevance(kernel, num_groups: int) -> np.ndarray | None:
-  """β_g = ‖W_g‖_F of each group (`losses.group_relevance`), None without a kernel."""
-  if kernel is None:
-    return None
-  return np.asarray(losses.group_relevance(jnp.asarray(kernel), num_groups))
