@@ -45,14 +45,14 @@ def _describe(results: Sequence[ProcessResult]) -> str:
                    f'stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-6000:]}' for r in results)
 
 
-def run_processes(program: str | Callable[[int], Sequence[str]], *, num_processes: int,
+def run_processes(program: str | Callable[[int, str], Sequence[str]], *, num_processes: int,
                   timeout: float, num_devices: int = 1, env: dict[str, str] | None = None,
                   check: bool = True) -> list[ProcessResult]:
   """Runs the processes of one run to completion (or `timeout` seconds for all of them).
 
   Args:
-    program: Python code (run with `python -c`), or process id → the arguments after `python`
-      (e.g. ['-m', 'cgl_jax.main', …]).
+    program: Python code (run with `python -c`), or (process id, coordinator address) → the
+      arguments after `python` (e.g. ['-m', 'cgl_jax.main', '--distributed', …]).
     num_processes: how many processes; they share one coordinator on a free localhost port.
     timeout: seconds for the whole run; then every process still running is killed.
     num_devices: CPU devices per process.
@@ -62,16 +62,16 @@ def run_processes(program: str | Callable[[int], Sequence[str]], *, num_processe
   Returns:
     One ProcessResult per process, by process id.
   """
-  port = free_port()
+  coordinator = f'localhost:{free_port()}'
   processes, logs = [], []
   start = time.monotonic()
   finished = {}
   try:
     for process_id in range(num_processes):
       args = (['-c', textwrap.dedent(program)] if isinstance(program, str)
-              else list(program(process_id)))
+              else list(program(process_id, coordinator)))
       process_env = subprocess_env(num_devices=num_devices, env={
-          **(env or {}), 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
+          **(env or {}), 'JAX_COORDINATOR_ADDRESS': coordinator,
           'JAX_NUM_PROCESSES': str(num_processes), 'JAX_PROCESS_ID': str(process_id)})
       # Files, not pipes: a process blocked on a full pipe would stall the whole run.
       out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')

@@ -6,13 +6,15 @@ left behind) over test_train's subprocess template, on test_train's tiny ShapesC
 that moves from 1 process to 2 and back through its checkpoints must reach its parameters at
 every checkpoint (1 process × N devices: test_train.test_eight_devices_match_one_device).
 """
+import json
+import os
 import re
 import shutil
 
 import numpy as np
 import pytest
 
-from cgl_jax import checkpoints, train
+from cgl_jax import checkpoints, default_config, dissect, train
 from multiprocess_util import run_processes
 from test_train import (_SUBPROCESS_TRAIN, _assert_params_equal, _shapes, data_dir,
                         flat_params)  # pylint: disable=unused-import  (fixture)
@@ -114,3 +116,77 @@ def test_a_killed_process_stops_the_other_with_a_clear_error(data_dir, tmp_path)
   assert 'Task 1 heartbeat timeout' in survivor.stderr, survivor.stderr[-5000:]
   assert survivor.seconds < killed.seconds + 2 * HEARTBEAT_TIMEOUT + 30, (survivor.seconds,
                                                                            killed.seconds)
+
+
+# The command line of test_two_processes_dissect_like_one: the tiny config file variant, made to
+# match test_train.tiny_config's model (the checkpoints of `straight_run`).
+_DISSECT_FLAGS = ('--config=configs/shapes.py:cgl,tiny', '--mode=dissect',
+                  '--config.model.kwargs.widths=(4, 6)', '--config.dataset.image_size=32',
+                  '--config.cgl.num_groups=2')
+
+# One process of a run of cgl_jax.main. Process 1 must not write the report (its
+# fileio.atomic_directory raises), and must return only once process 0 has written it.
+_MAIN_PROCESS = '''
+import os, sys
+from absl import app
+from cgl_jax import fileio, main
+if {process_id} == 1:
+  def _no_writing(*args, **kwargs):
+    raise AssertionError('process 1 wrote ' + str(args))
+  fileio.atomic_directory = _no_writing
+_run = main.run
+def _run_then_look(config, workdir, **kwargs):
+  _run(config, workdir, **kwargs)
+  print('report complete on return:', os.path.exists(os.path.join(workdir, {summary!r})))
+main.run = _run_then_look
+sys.argv = ['cgl_jax.main', *{flags!r}]
+app.run(main.main)
+'''
+
+
+def _report_files(directory):
+  """{relative path: contents} of a dissection report, without what differs between runs of
+  the same dissection (the wall time; matplotlib's SVG ids and dates)."""
+  files = {}
+  for path in sorted(directory.rglob('*')):
+    relative = str(path.relative_to(directory))
+    if path.is_dir() or path.suffix == '.svg':
+      continue
+    if path.suffix == '.json':
+      payload = json.loads(path.read_text())
+      payload.pop('seconds', None)
+      files[relative] = payload
+    else:
+      files[relative] = path.read_bytes()
+  return files
+
+
+def test_two_processes_dissect_like_one(straight_run, data_dir, tmp_path):
+  """`main --distributed --coordinator_address … --process_id i --mode=dissect` in 2 processes
+  writes the report of one process (and process 0 alone writes it)."""
+  flags = [*_DISSECT_FLAGS, f'--config.dataset.data_dir={data_dir}']
+  two, one = tmp_path / 'two', tmp_path / 'one'
+  for workdir in (two, one):
+    shutil.copytree(straight_run, workdir)
+
+  def process(process_id, coordinator):
+    argv = [*flags, f'--workdir={two}', '--distributed', f'--coordinator_address={coordinator}',
+            '--num_processes=2', f'--process_id={process_id}',
+            f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}']
+    return ['-c', _MAIN_PROCESS.format(process_id=process_id, flags=argv,
+                                       summary='dissect/step_6/summary.json')]
+
+  results = run_processes(process, num_processes=2, timeout=TIMEOUT)
+  for result in results:
+    assert 'report complete on return: True' in result.stdout, result
+
+  config = default_config.load_config_file(_DISSECT_FLAGS[0].split('=', 1)[1])
+  config.model.kwargs.widths = (4, 6)
+  config.dataset.image_size = 32
+  config.cgl.num_groups = 2
+  config.dataset.data_dir = data_dir
+  dissect.run(config, str(one))
+  two_files = _report_files(two / 'dissect' / 'step_6')
+  assert 'conv2/tally.csv' in two_files and 'report.html' in two_files
+  assert two_files == _report_files(one / 'dissect' / 'step_6')
+  assert sorted(os.listdir(two / 'dissect')) == ['step_6']  # no staging or old copies left
