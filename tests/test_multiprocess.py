@@ -11,10 +11,11 @@ import os
 import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from cgl_jax import checkpoints, default_config, dissect, train
+from cgl_jax import checkpoints, default_config, dissect, distributed, train
 from multiprocess_util import run_processes
 from test_train import (_SUBPROCESS_TRAIN, _assert_params_equal, _shapes, data_dir,
                         flat_params)  # pylint: disable=unused-import  (fixture)
@@ -85,6 +86,37 @@ def test_checkpoints_move_between_one_and_two_processes(straight_run, data_dir, 
     expected = _params_at(straight_run, step)
     print(f'{name} vs 1 x 1: max |difference| {_max_difference(params, expected):.3g}')
     _assert_params_equal(params, expected, **TOLERANCE)
+
+
+def test_initialize_names_inconsistent_arguments(monkeypatch):
+  for name in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ValueError, match=r'give both num_processes and process_id, or neither '
+                                       r'\(detected\); got num_processes=2, process_id=None'):
+    distributed.initialize(num_processes=2)
+  with pytest.raises(ValueError, match=re.escape('process_id 2 not in [0, num_processes=2)')):
+    distributed.initialize(num_processes=2, process_id=2)
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', 'one')
+  with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID must be an integer, got 'one'"):
+    distributed.initialize()
+
+
+def test_only_errors_of_a_lost_peer_become_peer_process_errors(monkeypatch):
+  gloo = ('UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] '
+          'Read error [127.0.0.1]:50097: Connection reset by peer')
+  with pytest.raises(ValueError, match='Gloo'):  # one process: nothing to lose
+    with distributed.peer_failures_raise('testing'):
+      raise ValueError(gloo)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(distributed.PeerProcessError, match=re.escape(
+      f'process 0 of 2 lost a peer while testing: another process of this run stopped '
+      f'(crashed, was killed or preempted), so the collective it was part of failed ({gloo})')):
+    with distributed.peer_failures_raise('testing'):
+      raise ValueError(gloo)
+  with pytest.raises(ValueError, match='^shapes differ$'):
+    with distributed.peer_failures_raise('testing'):
+      raise ValueError('shapes differ')
 
 
 # Process 1 SIGKILLs itself when it starts its third train step.
