@@ -14,8 +14,10 @@ orbax's barriers) need all of them. When one process dies, the others learn it i
   `peer_failures_raise` turns that into `PeerProcessError`;
 - the coordination service (run by process 0) declares it dead after `heartbeat_timeout_seconds`
   without a heartbeat and terminates every other process, logging "The following tasks are
-  unhealthy (stopped sending heartbeats): <process ids>". A process that waits outside any
-  collective (e.g. at a barrier) therefore stops within that timeout instead of hanging.
+  unhealthy (stopped sending heartbeats): <process ids>" ("Task <id> heartbeat timeout"). A
+  process that waits outside any collective (e.g. at a barrier) therefore stops within that
+  timeout instead of hanging. When process 0 itself dies, the service goes with it and jax
+  terminates the others at once ("Failed to send RPC to coordination service").
 Either way the survivors exit with a non-zero status; the checkpoints already finalised stay and
 the next run resumes from the latest one (with any number of processes: the data order does not
 depend on it, see input_pipeline).

@@ -15,7 +15,7 @@ function of (seed, k) only, not of the number of processes or devices:
   `jax.make_array_from_process_local_data` puts the slices back together in process order.
 - Example n of the stream (n = k·B + row) is augmented with stateless ops seeded from
   (seed, n), so its augmentation does not depend on which process decodes it.
-So 1 process with 1 or N devices and N processes see the same global batches, and a checkpoint
+So 1 process with 1 or D devices and D processes see the same global batches, and a checkpoint
 written with one topology resumes with another. `create_split(..., start_step=k)` starts at
 epoch ⌊k·B / N⌋ and skips the first (k·B mod N) examples of it (still encoded, so skipping
 costs reading, not decoding), and yields exactly the batches an uninterrupted run sees from
@@ -23,10 +23,11 @@ step k on.
 tfds shuffles examples when it writes a dataset, so reading files in order and shuffling through
 a buffer mixes classes well.
 
-Cost of the global order: each of the P processes reads (not decodes) the whole encoded split,
-P times the reading of a per-process shard. Negligible for the shapes data and CIFAR; for
-ImageNet-sized splits it is P reads of ~140 GB per epoch, which a pod's hosts usually sustain
-from Cloud Storage, but give each host enough read bandwidth (or fewer, larger hosts).
+Cost of the global order: each of the P processes reads (not decodes) the whole encoded split
+(N examples; the split has N examples throughout this docstring), P times the data of a
+per-process shard. Negligible for the shapes data and CIFAR; for ImageNet-sized splits every host
+reads the whole ~140 GB per epoch, so each host's read bandwidth from the data dir must cover
+that (not measured here).
 
 Evaluation is one ordered pass split the same way: global batch k holds examples k·B … (k+1)·B − 1
 of the split in file order, zero-padded (mask False) to ⌈N / B⌉ full batches, and process p keeps
