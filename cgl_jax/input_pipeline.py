@@ -12,9 +12,9 @@ function of (seed, k) only, not of the number of processes or devices:
   batch k is its examples k·B … (k+1)·B − 1 (a batch may straddle two epochs).
 - Process p of P keeps rows [p·b, (p+1)·b) of each global batch (b = B / P) and drops the others
   BEFORE decoding, so each process decodes and augments only its own rows;
-  `jax.make_array_from_process_local_data` puts the slices back together: in process order when
-  each process's devices form one block of the mesh, else in the mesh's order, a permutation of
-  the rows that every batch reduction is invariant to (up to the order of float sums).
+  `jax.make_array_from_process_local_data` puts the slices back together in process order when
+  each process's devices form one block of the mesh (the trainer's mesh lists devices by
+  process).
 - Example n of the stream (n = k·B + row) is augmented with stateless ops seeded from
   (seed, n), so its augmentation does not depend on which process decodes it.
 So 1 process with 1 or D devices and D processes see the same global batches, and a checkpoint

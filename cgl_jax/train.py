@@ -340,8 +340,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                   process_count=jax.process_count())
 
   # Auto (GSPMD) axes: XLA inserts the cross-device reductions of the global-batch statistics.
-  mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  # Devices in process order: process p's rows of a global batch (input_pipeline) then land at
+  # rows [p·b, (p+1)·b) of the global array, as with one process (dropout masks follow rows).
+  devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
 
