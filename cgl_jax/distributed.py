@@ -60,7 +60,8 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
       stopped (see the module docstring).
 
   Raises:
-    ValueError: process_id not in [0, num_processes), or only one of the two given.
+    ValueError: process_id not in [0, num_processes), only one of the two given, or nothing
+      given and no cluster to detect.
   """
   num_processes = _env_int('JAX_NUM_PROCESSES') if num_processes is None else num_processes
   process_id = _env_int('JAX_PROCESS_ID') if process_id is None else process_id
@@ -74,9 +75,18 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
   # XLA:CPU has no cross-process collectives by default; Gloo (TCP) provides them. The setting
   # only concerns the CPU backend, so it is harmless on TPU and GPU hosts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  except ValueError as error:
+    if 'should be defined' not in str(error) and 'must be defined' not in str(error):
+      raise
+    raise ValueError(
+        f'{error} No cluster to detect (Cloud TPU, SLURM, Open MPI): give the coordinator '
+        "(process 0's host:port), the process count and this process's id "
+        '(--coordinator_address, --num_processes, --process_id, or $JAX_COORDINATOR_ADDRESS, '
+        '$JAX_NUM_PROCESSES, $JAX_PROCESS_ID).') from error
   logging.info('JAX process %d of %d (coordinator %s), local devices: %s', jax.process_index(),
                jax.process_count(), coordinator_address or 'detected', jax.local_devices())
 

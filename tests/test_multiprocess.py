@@ -102,6 +102,16 @@ def test_initialize_names_inconsistent_arguments(monkeypatch):
     distributed.initialize()
 
 
+def test_distributed_outside_a_cluster_asks_for_the_coordinator(python_subprocess):
+  python_subprocess("""
+      import pytest
+      from cgl_jax import distributed
+      with pytest.raises(ValueError, match=r"(should|must) be defined. No cluster to detect "
+                         r".*--coordinator_address, --num_processes, --process_id"):
+        distributed.initialize()
+      """, env={'JAX_COORDINATOR_ADDRESS': '', 'JAX_NUM_PROCESSES': '', 'JAX_PROCESS_ID': ''})
+
+
 def test_only_errors_of_a_lost_peer_become_peer_process_errors(monkeypatch):
   gloo = ('UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] '
           'Read error [127.0.0.1]:50097: Connection reset by peer')
