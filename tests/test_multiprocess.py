@@ -21,7 +21,10 @@ from test_train import (_SUBPROCESS_TRAIN, _assert_params_equal, _shapes, data_d
                         flat_params)  # pylint: disable=unused-import  (fixture)
 
 TIMEOUT = 300  # seconds for one multi-process run (a tiny one takes ~30 s on 2 busy cores)
-HEARTBEAT_TIMEOUT = 5  # seconds: a dead process is detected soon (jax's default: 100 s)
+# Seconds without a heartbeat before a process is declared dead (jax's default: 100 s): short
+# where a death is the point of the test, longer elsewhere so that busy cores never fake one.
+KILLED_HEARTBEAT_TIMEOUT = 5
+HEARTBEAT_TIMEOUT = 30
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # XLA may sum a batch in another order per topology
 
 _JOIN = '''
@@ -30,14 +33,15 @@ distributed.initialize(heartbeat_timeout_seconds={heartbeat})
 '''
 
 
-def _train_processes(*, workdir, out, num_processes=2, prelude='', check=True, **overrides):
+def _train_processes(*, workdir, out, num_processes=2, prelude='', check=True,
+                     heartbeat=HEARTBEAT_TIMEOUT, **overrides):
   """Trains test_train.tiny_config(**overrides) in `num_processes` processes.
 
   Returns (results, params): the processes' results, and process 0's final params (checked equal
   in every process) when all succeeded, else None.
   """
   program = _SUBPROCESS_TRAIN.format(
-      prelude=_JOIN.format(heartbeat=HEARTBEAT_TIMEOUT) + prelude, overrides=overrides,
+      prelude=_JOIN.format(heartbeat=heartbeat) + prelude, overrides=overrides,
       workdir=str(workdir), out=str(out) + '.process{process}.npz')
   results = run_processes(program, num_processes=num_processes, timeout=TIMEOUT, check=check)
   if any(result.returncode != 0 for result in results):
@@ -147,7 +151,8 @@ _train.make_train_step = _make_dying_train_step
 
 def test_a_killed_process_stops_the_other_with_a_clear_error(data_dir, tmp_path):
   results, _ = _train_processes(workdir=tmp_path, out=tmp_path / 'params', check=False,
-                                prelude=_DIE_AT_STEP_3, num_train_steps=6,
+                                prelude=_DIE_AT_STEP_3, heartbeat=KILLED_HEARTBEAT_TIMEOUT,
+                                num_train_steps=6,
                                 **{'dataset.data_dir': data_dir})
   survivor, killed = results
   assert killed.returncode == -9, killed
@@ -156,8 +161,8 @@ def test_a_killed_process_stops_the_other_with_a_clear_error(data_dir, tmp_path)
                    r'process of this run stopped', survivor.stderr), survivor.stderr[-5000:]
   # jax's coordination service names the dead process when it stops the survivor.
   assert 'Task 1 heartbeat timeout' in survivor.stderr, survivor.stderr[-5000:]
-  assert survivor.seconds < killed.seconds + 2 * HEARTBEAT_TIMEOUT + 30, (survivor.seconds,
-                                                                           killed.seconds)
+  stopped_after = survivor.seconds - killed.seconds
+  assert stopped_after < 2 * KILLED_HEARTBEAT_TIMEOUT + 30, stopped_after
 
 
 # The command line of test_two_processes_dissect_like_one: the tiny config file variant, made to
