@@ -29,6 +29,10 @@ and continues to exactly the parameters an uninterrupted run reaches.
 Non-finite loss: every step returns its loss terms; the host inspects them one step late (so that
 checking does not stall the device) and always before a checkpoint is written, and raises
 `NonFiniteLossError` naming the step and the term. The bad state is never saved.
+
+Preemption (multi-process runs): jax.distributed turns SIGTERM (what a Cloud TPU VM gets before
+it is reclaimed) into a preemption notice; all processes then stop after one agreed step, save it
+and raise `PreemptedError`, and rerunning the same command continues from there.
 """
 from __future__ import annotations
 
@@ -57,6 +61,12 @@ Batch = Mapping[str, Any]
 
 class NonFiniteLossError(FloatingPointError):
   """A train step produced a NaN/inf loss term; training stops, earlier checkpoints stay."""
+
+
+class PreemptedError(RuntimeError):
+  """A multi-process run got a preemption notice (SIGTERM, e.g. a spot TPU being reclaimed):
+  every process stopped after the same step, whose checkpoint is saved; rerunning the same
+  command resumes from it."""
 
 
 @flax.struct.dataclass
@@ -331,7 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Writes TensorBoard summaries and checkpoints under `workdir`; returns the final state.
   Raises `config_validation.ConfigError` before compiling anything when the config cannot work,
-  and `NonFiniteLossError` when a loss term becomes NaN/inf.
+  `NonFiniteLossError` when a loss term becomes NaN/inf, `PreemptedError` after saving the step
+  where a multi-process run stopped on a preemption notice, and
+  `distributed.PeerProcessError` when another process of the run died.
   """
   workdir = fileio.as_path(workdir)  # local or remote (gs://…)
   model = models.from_config(config)
@@ -404,6 +416,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_metrics = None
   try:
     with distributed.peer_failures_raise('training'), metric_writers.ensure_flushes(writer):
+      # jax's preemption sync point is the step after the last one a process asked about when the
+      # notice came: ask about the restored step first, so a notice during the first step stops
+      # the run after it (a notice before this line, during start-up, is not seen).
+      if manager.reached_preemption(initial_step):
+        raise PreemptedError(f'preempted before the first train step; the latest checkpoint '
+                             f'(step {initial_step}) is unchanged; rerun the same command')
       for step in range(initial_step + 1, num_train_steps + 1):
         is_last = step == num_train_steps
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -430,10 +448,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write_scalars(step, {f'eval/{name}': value
                                       for name, value in eval_metrics.items()})
 
-        if step % checkpoint_every == 0 or is_last:
+        # After a preemption notice all processes agree on a step (always False without
+        # jax.distributed): save it and stop.
+        preempted = manager.reached_preemption(step)
+        if step % checkpoint_every == 0 or is_last or preempted:
           check_unchecked()
           with report_progress.timed('checkpoint'):
             checkpoints.save(manager, state, eval_metrics=eval_metrics)
+        if preempted:
+          raise PreemptedError(
+              f'preempted: stopped after train step {step} of {num_train_steps} and saved it in '
+              f'{checkpoints.checkpoint_dir(workdir)}; rerun the same command to resume')
       check_unchecked()
   finally:
     # A save of an earlier (good) step may still be in flight: let it finalise.

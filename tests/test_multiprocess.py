@@ -58,11 +58,11 @@ def _max_difference(actual, expected):
 
 @pytest.fixture(scope='module')
 def straight_run(data_dir, tmp_path_factory):
-  """1 process × 1 device, 6 uninterrupted steps, checkpoints at steps 2, 4, 6: the workdir."""
+  """1 process × 1 device, 6 uninterrupted steps, a checkpoint after every step: the workdir."""
   workdir = tmp_path_factory.mktemp('straight')
-  train.train_and_evaluate(_shapes(data_dir, num_train_steps=6, checkpoint_every_steps=2),
-                           str(workdir))
-  assert checkpoints.available_steps(workdir) == [2, 4, 6]
+  train.train_and_evaluate(_shapes(data_dir, num_train_steps=6, checkpoint_every_steps=1,
+                                   keep_checkpoints=6), str(workdir))
+  assert checkpoints.available_steps(workdir) == [1, 2, 3, 4, 5, 6]
   return workdir
 
 
@@ -70,23 +70,51 @@ def _params_at(workdir, step):
   return flat_params(checkpoints.restore_model(_shapes(None), workdir, step=step)[1]['params'])
 
 
+# Process 1 gets SIGTERM (a preemption notice) as it starts step 5; from then on every step takes
+# 0.5 s, so that the processes agree on a stopping step (5) before the run is over.
+_PREEMPTED_AT_STEP_5 = '''
+import os, signal, time
+from cgl_jax import train as _train
+_make_train_step = _train.make_train_step
+def _make_slow_train_step(*args, **kwargs):
+  step_fn = _make_train_step(*args, **kwargs)
+  def slow_step(state, *rest):
+    if int(state.step) >= 4:
+      if jax.process_index() == 1 and int(state.step) == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.5)
+    return step_fn(state, *rest)
+  return slow_step
+_train.make_train_step = _make_slow_train_step
+'''
+
+
 def test_checkpoints_move_between_one_and_two_processes(straight_run, data_dir, tmp_path):
-  """Step 2 written by 1 process → steps 3, 4 in 2 processes × 1 device → steps 5, 6 in 1
-  process again: the parameters of the 2-process steps and the final ones are those of the
+  """Step 2 written by 1 process → resumed by 2 processes × 1 device, which get a preemption
+  notice (SIGTERM to one of them) during step 5 and both stop after it, saving it → resumed by
+  1 process to step 6. The 2-process checkpoint and the final parameters are those of the
   uninterrupted 1-process run."""
   workdir = tmp_path / 'run'
   shutil.copytree(straight_run, workdir)
-  for step in (4, 6):  # as if the 1-process run had stopped after step 2
+  for step in range(3, 7):  # as if the 1-process run had stopped after step 2
     shutil.rmtree(workdir / checkpoints.CHECKPOINT_SUBDIR / str(step))
-  assert checkpoints.available_steps(workdir) == [2]
-  _, two_processes = _train_processes(workdir=workdir, out=tmp_path / 'params',
-                                      num_train_steps=4, checkpoint_every_steps=2,
-                                      **{'dataset.data_dir': data_dir})
-  assert checkpoints.available_steps(workdir) == [2, 4]
-  one_process = train.train_and_evaluate(
-      _shapes(data_dir, num_train_steps=6, checkpoint_every_steps=2), str(workdir))
-  for name, params, step in (('2 processes x 1 device, steps 3-4', two_processes, 4),
-                             ('then 1 process, steps 5-6', flat_params(one_process.params), 6)):
+  assert checkpoints.available_steps(workdir) == [1, 2]
+  results, _ = _train_processes(workdir=workdir, out=tmp_path / 'params', check=False,
+                                prelude=_PREEMPTED_AT_STEP_5, num_train_steps=6,
+                                checkpoint_every_steps=6, **{'dataset.data_dir': data_dir})
+  stops = [re.search(r'PreemptedError: preempted: stopped after train step (\d) of 6',
+                     result.stderr) for result in results]
+  assert all(stops) and all(result.returncode not in (0, None) for result in results), (
+      [(r.returncode, r.stderr[-3000:]) for r in results])
+  stopped = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == stopped and stopped in (5, 6)
+  assert checkpoints.available_steps(workdir) == [1, 2, stopped]
+  two_processes = _params_at(workdir, stopped)
+
+  one_process = train.train_and_evaluate(_shapes(data_dir, num_train_steps=6), str(workdir))
+  for name, params, step in (
+      (f'2 processes x 1 device, steps 3-{stopped}', two_processes, stopped),
+      (f'then 1 process, steps {stopped + 1}-6', flat_params(one_process.params), 6)):
     expected = _params_at(straight_run, step)
     print(f'{name} vs 1 x 1: max |difference| {_max_difference(params, expected):.3g}')
     _assert_params_equal(params, expected, **TOLERANCE)
