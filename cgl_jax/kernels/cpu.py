@@ -221,12 +221,23 @@ def _check(x: Array, pair_indices: Array, num_groups: int) -> tuple[str, str]:
   return _targets('PairL1', x)
 
 
+def _varying_like(out: Array, x: Array) -> Array:
+  """out, varying over the mesh axes that x varies over (inside shard_map).
+
+  An FFI call's outputs vary over no mesh axis; a custom VJP's gradient must vary as its
+  input does.
+  """
+  missing = tuple(jax.typeof(x).manual_axis_type.varying
+                  - jax.typeof(out).manual_axis_type.varying)
+  return jax.lax.pcast(out, missing, to='varying') if missing else out
+
+
 def _forward(x: Array, pair_indices: Array, num_groups: int) -> Array:
   forward, _ = _check(x, pair_indices, num_groups)
   out = jax.ShapeDtypeStruct((*x.shape[:-2], num_groups, pair_indices.shape[0]), x.dtype)
   # 'sequential': under vmap the kernel runs once per mapped element (pairs stay [r, 2]).
-  return jax.ffi.ffi_call(forward, out, vmap_method='sequential')(
-      x, pair_indices.astype(jnp.int32), num_groups=np.int64(num_groups))
+  return _varying_like(jax.ffi.ffi_call(forward, out, vmap_method='sequential')(
+      x, pair_indices.astype(jnp.int32), num_groups=np.int64(num_groups)), x)
 
 
 def pair_l1(x: Array, pair_indices: Array, *, num_groups: int) -> Array:
@@ -265,6 +276,7 @@ def _pair_l1_bwd(num_groups, residuals, cotangent):
       backward, jax.ShapeDtypeStruct((*leading, num_groups, group_size, positions), x.dtype),
       vmap_method='sequential')(x, pair_indices.astype(jnp.int32), cotangent.astype(x.dtype),
                                 num_groups=np.int64(num_groups))
+  rows = _varying_like(rows, x)
   grad = jnp.moveaxis(rows, -1, -3).reshape(*leading, positions, num_groups * group_size)
   free = channels - num_groups * group_size  # no gradient
   grad = jnp.pad(grad, [(0, 0)] * (grad.ndim - 1) + [(0, free)]) if free else grad
@@ -302,7 +314,8 @@ def _spatial_concentration_forward(psi, eps):
   batch, _, _, channels = psi.shape
   out = (jax.ShapeDtypeStruct((batch, channels), psi.dtype),
          jax.ShapeDtypeStruct((3, batch, channels), psi.dtype))
-  return jax.ffi.ffi_call(forward, out, vmap_method='sequential')(psi, eps=eps)
+  values, moments = jax.ffi.ffi_call(forward, out, vmap_method='sequential')(psi, eps=eps)
+  return _varying_like(values, psi), _varying_like(moments, psi)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -322,6 +335,8 @@ def _spatial_concentration_bwd(eps, residuals, cotangent):
   scale, pull_row, pull_col, offset = jax.ffi.ffi_call(
       backward, jax.ShapeDtypeStruct((4, *cotangent.shape), psi.dtype),
       vmap_method='sequential')(psi, moments, cotangent.astype(psi.dtype))
+  scale, pull_row, pull_col, offset = (_varying_like(c, psi)
+                                       for c in (scale, pull_row, pull_col, offset))
   _, centre_row, centre_col = moments
   _, height, width, _ = psi.shape
   per_map = lambda x: x[:, None, None, :]  # [B, C] against [B, H, W, C]
