@@ -139,7 +139,7 @@ def soft_masks(preact: Array, *, scale: Union[float, Array] = 1.0,
 
 def soft_masks_bn(bn_out: Array, gamma: Array, *, scale: Union[float, Array] = 1.0,
                   shift: Union[float, Array] = 0.0, eps: float = 1e-3) -> Array:
-  """Soft masks ψ = sigmoid(scale · y / γ̃_c + shift) of a batch-norm output y (paper's "Alexnet-B").
+  """Soft masks ψ = sigmoid(scale · y / γ̃_c + shift) of a batch-norm output y ("Alexnet-B").
 
   γ̃ = sign(γ) · max(|γ|, eps) with γ the BN scale (sign(0) counts as +), so y / γ is the
   paper's τ. The authors' code divides by the BN running variance: pass it as ``gamma``.

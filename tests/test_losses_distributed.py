@@ -1,4 +1,4 @@
-"""cgl_jax.losses with `axis_name` on 8 simulated CPU devices (every kernel), and its import surface.
+"""cgl_jax.losses with `axis_name` on 8 simulated CPU devices (all kernels), and its imports.
 
 Each test runs in a subprocess (conftest.run_python): the device count must be
 set before jax is imported.

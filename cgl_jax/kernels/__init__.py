@@ -1,4 +1,4 @@
-"""Faster implementations of two inner pieces of `cgl_jax.losses`, by name, and the choice among them.
+"""Faster implementations of two inner pieces of `cgl_jax.losses`, by name, and the choice.
 
 L_g's sampled pair sums (the ``pair_sums`` argument of `losses.group_coherence`):
 
@@ -43,7 +43,7 @@ class KernelUnavailableError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-  """Names of the implementations of L_g's pair sums (`PAIR_SUMS`) and L_s's per-map values (`PER_MAP`)."""
+  """Names of implementations: L_g's pair sums (`PAIR_SUMS`), L_s's per-map values (`PER_MAP`)."""
   pair_sums: str
   per_map: str
 
@@ -95,7 +95,7 @@ def pair_sums(name: str, *, interpret: bool = False) -> losses.PairSums:
 
 
 def per_map(name: str) -> losses.PerMap:
-  """The named implementation of L_s's per-map values (`PER_MAP`), for `losses.spatial_concentration`."""
+  """The named implementation of L_s's per-map values (`PER_MAP`), for `spatial_concentration`."""
   _check_name(name, PER_MAP, 'L_s per-map')
   return _cpu().spatial_concentration_maps if name == 'cpu_ffi' else (
       losses.spatial_concentration_maps)
