@@ -191,6 +191,14 @@ def bench_model(name: str, args) -> dict:
     forced = config.copy_and_resolve_references()
     forced.cgl.kernels = kernels_name
     configs[f'cgl[{kernels_name}]'] = forced
+  kernels_used = {}  # kind → config.cgl.kernels and the implementations it stands for here
+  for kind, kind_config in configs.items():
+    if regularize.needs_intermediates(kind_config.cgl):
+      resolved = regularize.resolve_kernels(kind_config.cgl)
+      kernels_used[kind] = {'config': kind_config.cgl.kernels,
+                            'pair_sums': resolved.pair_sums_name, 'per_map': resolved.per_map_name}
+      print(f'  {name} {kind}: kernels={kind_config.cgl.kernels!r}: L_g pair sums '
+            f'{resolved.pair_sums_name}, L_s per-map {resolved.per_map_name}', flush=True)
   clock = CLOCKS[args.clock]
   runners, costs = {}, {}
   for kind, kind_config in configs.items():
@@ -219,8 +227,7 @@ def bench_model(name: str, args) -> dict:
       'dtype': args.dtype,
       'image_size': config.dataset.image_size, 'cgl_terms': list(regularize.active_terms(config.cgl)),
       'cgl_layers': list(config.cgl.layers), 'pairs': config.cgl.pairs,
-      'kernels': {kind: kind_config.cgl.kernels for kind, kind_config in configs.items()
-                  if regularize.needs_intermediates(kind_config.cgl)},
+      'kernels': kernels_used,
       'seconds_per_step': median, 'all_seconds_per_step': times,
       'images_per_second': {kind: args.batch_size / value for kind, value in median.items()},
       'cgl_over_ce_time': median['cgl'] / median['ce'], 'clock': args.clock,
