@@ -1,10 +1,8 @@
 """Concept Group Learning regularizers as pure JAX functions.
 
 Varshneya et al., "Learning Interpretable Concept Groups in CNNs", IJCAI 2021. Where the
-paper and the authors' PyTorch code (srb-cv/cgl) differ, each docstring says which one
-a function follows.
-
-Conventions:
+paper and the authors' PyTorch code (srb-cv/cgl) differ, the docstring says which one a
+function follows. Conventions:
   * Activations are NHWC ``[B, H, W, C]``; conv kernels are Flax's ``[kh, kw, C_in, C_out]``.
   * A layer with C channels and G groups has ``f = C // G`` filters per group; group g
     holds channels ``[g·f, (g+1)·f)``; the ``C − G·f`` free channels join no group term.
@@ -14,9 +12,8 @@ Conventions:
   * ``axis_name``: under ``pmap``/``shard_map``/``vmap`` with a named batch axis, batch
     statistics are summed over it (``lax.psum``): every device gets the global value.
 
-This module imports jax and the standard library only; it can be copied on its own.
-Faster implementations of two inner pieces plug in through ``group_coherence(...,
-pair_sums=)`` and ``spatial_concentration(..., per_map=)`` (contracts there).
+It imports jax only and can be copied on its own. Faster inner pieces plug in through
+``group_coherence(..., pair_sums=)`` and ``spatial_concentration(..., per_map=)``.
 """
 import numbers
 from typing import Any, Callable, Optional, Sequence, Union
@@ -36,7 +33,7 @@ REDUCTIONS = ('per_sample', 'pooled')
 
 
 def _compute_dtype(x: Array) -> jnp.dtype:
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)  # at least float32
 
 
 def _check_rank(x: Array, name: str, rank: int, layout: str) -> None:
@@ -78,6 +75,7 @@ def _norm_powers(x: Array, order: float) -> Array:
 
 
 def _norm_accumulate(terms: Array, order: float, axis: Axis) -> Array:
+  """Sums (max for inf) the `_norm_powers` terms over ``axis``."""
   return jnp.max(terms, axis=axis) if order == float('inf') else jnp.sum(terms, axis=axis)
 
 
@@ -89,11 +87,6 @@ def _norm_root(total: Array, order: float) -> Array:
     return _safe_sqrt(total)
   positive = total > 0
   return jnp.where(positive, jnp.where(positive, total, 1)**(1.0 / order), 0)
-
-
-def _check_norm_order(value: Any, name: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1:
-    raise ValueError(f'{name} must be a real number >= 1 (or inf); got {value!r}.')
 
 
 def _batch_sum(x: Any, axis_name: Optional[AxisName]) -> Any:
@@ -418,8 +411,9 @@ def block_norm(kernel: Array, num_groups: int, *, p: float = 2, q: float = 1) ->
   Returns:
     A scalar in the compute dtype.
   """
-  _check_norm_order(p, 'p')
-  _check_norm_order(q, 'q')
+  for name, value in (('p', p), ('q', q)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1:
+      raise ValueError(f'{name} must be a real number >= 1 (or inf); got {value!r}.')
   group_norms = _kernel_group_norms(kernel, num_groups, p)
   return _norm_root(_norm_accumulate(_norm_powers(group_norms, q), q, 0), q)
 
