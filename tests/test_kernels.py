@@ -307,6 +307,11 @@ def test_resolve_names_and_errors():
   with pytest.raises(ValueError, match=r"unknown kernel implementation 'fast'; choose one of "
                                        r"\('auto', 'jnp', 'loop', 'matmul', 'cpu_ffi', 'pallas'\)"):
     kernels.resolve('fast', platform='cpu', num_devices=1, dtype='float32')
+  with pytest.raises(kernels.KernelUnavailableError,
+                     match=r"the 'pallas' kernels run on \('cuda',\) only; this platform is 'cpu'"):
+    kernels.resolve('pallas', platform='cpu', num_devices=1, dtype='float32')
+  with pytest.raises(kernels.KernelUnavailableError, match="'cpu_ffi' kernels run on"):
+    kernels.resolve('cpu_ffi', platform='tpu', num_devices=1, dtype='float32')
   with pytest.raises(ValueError, match="unknown pair-sum implementation 'auto'"):
     kernels.pair_sums('auto')
   with pytest.raises(ValueError, match="unknown L_s per-map implementation 'loop'"):

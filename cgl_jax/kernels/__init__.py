@@ -34,6 +34,7 @@ from cgl_jax.kernels import xla
 
 PAIR_SUMS = ('jnp', 'loop', 'matmul', 'cpu_ffi', 'pallas')
 PER_MAP = ('jnp', 'cpu_ffi')
+PLATFORMS = {'cpu_ffi': ('cpu',), 'pallas': ('cuda',)}  # the others run anywhere
 CHOICES = ('auto', *PAIR_SUMS)  # the values of config.cgl.kernels
 
 
@@ -146,10 +147,17 @@ def resolve(name: str, *, platform: str, num_devices: int, dtype) -> Selection:
 
   'auto' is `select`; a name of `PAIR_SUMS` picks those pair sums, and the L_s per-map
   implementation of the same name where there is one (else 'jnp').
+
+  Raises:
+    ValueError: an unknown name.
+    KernelUnavailableError: a name whose kernels do not run on ``platform``.
   """
   _check_name(name, CHOICES, 'kernel')
   if name == 'auto':
     return select(platform, num_devices=num_devices, dtype=dtype)
+  if platform not in PLATFORMS.get(name, (platform,)):
+    raise KernelUnavailableError(f'the {name!r} kernels run on {PLATFORMS[name]} only; this '
+                                 f'platform is {platform!r}.')
   return Selection(pair_sums=name, per_map=name if name in PER_MAP else 'jnp')
 
 
