@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
-from cgl_jax import models
+from cgl_jax import fileio, models
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 BEST_METRIC = 'eval_top1'  # orbax metrics key ranking checkpoints (higher is better)
@@ -35,8 +36,9 @@ MODEL_ITEM = 'model'
 TRAIN_ITEM = 'train'
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """`workdir/checkpoints` (`workdir` local or remote, e.g. gs://bucket/run)."""
+  return fileio.as_path(workdir) / CHECKPOINT_SUBDIR
 
 
 class TrainStateFields(Protocol):
@@ -131,7 +133,7 @@ def restore(manager: ocp.CheckpointManager, state_template: _State, step: int) -
 
 def available_steps(workdir: str) -> list[int]:
   """Finalised checkpoint steps in `workdir`, ascending ([] when there are none)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).is_dir():
     return []
   with create_manager(workdir, read_only=True) as manager:
     return sorted(manager.all_steps())
@@ -140,7 +142,7 @@ def available_steps(workdir: str) -> list[int]:
 def best_step(workdir: str) -> int | None:
   """The kept step with the highest validation top-1 (the later one on ties), or None when no
   kept step was saved with metrics."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).is_dir():
     return None
   with create_manager(workdir, read_only=True) as manager:
     top1 = {step: (manager.metrics(step) or {}).get(BEST_METRIC) for step in manager.all_steps()}
