@@ -207,7 +207,8 @@ class MultiRun:
     self.mutable = ['batch_stats']
     if any(term in ('l_g', 'l_s') for term in self.terms):
       self.mutable.append('intermediates')
-    self.init = jax.jit(self._init)
+    self.init_run = jax.jit(self._init_run)
+    self.init = jax.jit(self._init_state)
     self.train_step = jax.jit(self._train_step, donate_argnums=0)
     self.train_epoch = jax.jit(self._train_epoch, donate_argnums=0)
     self.evaluate = jax.jit(self._evaluate, static_argnames='eval_batch_size')
@@ -228,8 +229,8 @@ class MultiRun:
     batch_stats = variables.get('batch_stats', {})
     return params, batch_stats, self.tx.init(params)
 
-  def _init(self, hparams: Mapping[str, jax.Array]) -> MultiRunState:
-    params, batch_stats, opt_state = jax.vmap(self._init_run)(hparams['seed'])
+  def _init_state(self, hparams: Mapping[str, jax.Array], params, batch_stats,
+                  opt_state) -> MultiRunState:
     runs = hparams['seed'].shape[0]
     nan = jnp.full((runs, self.num_epochs), jnp.nan, jnp.float32)
     return MultiRunState(
@@ -240,10 +241,17 @@ class MultiRun:
         history={name: nan for name in ('val_top1', 'loss', 'ce', *self.terms)})
 
   def init_state(self, device: jax.Device | None = None) -> MultiRunState:
-    """Step 0 of every run (parameters as the single-run trainer initialises them), on `device`
-    (default: the first local device)."""
+    """Step 0 of every run, on `device` (default: the first local device).
+
+    Each run is initialised on its own (not under vmap), so its parameters are bit-equal to
+    those of the single-run trainer with the same seed.
+    """
+    hparams = _stack_hparams(self.specs)
+    runs = [self.init_run(seed) for seed in hparams['seed']]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *runs)
+    state = self.init(hparams, *stacked)
     # Committed to the device like every later state, so that the steps compile once.
-    return jax.device_put(self.init(_stack_hparams(self.specs)), device or jax.local_devices()[0])
+    return jax.device_put(state, device or jax.local_devices()[0])
 
   # -- train ------------------------------------------------------------------------------------
 
