@@ -65,6 +65,7 @@ STATE_SUBDIR = 'multirun'
 RUNS_SUBDIR = 'runs'
 RUNS_FILE = 'runs.json'
 SUMMARY_FILE = 'multirun_summary.json'
+RUN_AXES = ('vmap', 'map')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,11 +184,18 @@ class MultiRun:
       ignored (they come from `specs`).
     specs: the runs.
     num_train_examples: the train split's size (for the epoch length).
+    run_axis: how the model's computation goes over the runs inside the jitted step:
+      'vmap' (default) batches the R runs into one computation (the convolutions become
+      grouped convolutions over R·C channels); 'map' loops over them (`lax.map`: R ordinary
+      convolutions one after another, one compile). Results agree to float rounding.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, specs: Sequence[RunSpec], *,
-               num_train_examples: int):
+               num_train_examples: int, run_axis: str = 'vmap'):
     _check_config(config, specs)
+    if run_axis not in RUN_AXES:
+      raise ValueError(f'run_axis must be one of {RUN_AXES}; got {run_axis!r}')
+    self.run_axis = run_axis
     self.config = config
     self.specs = tuple(specs)
     self.model = checkpoints.create_model(config)
@@ -253,6 +261,22 @@ class MultiRun:
     # Committed to the device like every later state, so that the steps compile once.
     return jax.device_put(state, device or jax.local_devices()[0])
 
+  def over_runs(self, fn, in_axes: Sequence[int | None]):
+    """`fn` applied to every run: in_axes 0 = stacked over runs, None = shared (`run_axis`)."""
+    if self.run_axis == 'vmap':
+      return jax.vmap(fn, in_axes=tuple(in_axes))
+
+    def mapped(*args):
+      stacked = tuple(arg for arg, axis in zip(args, in_axes) if axis == 0)
+
+      def one(per_run):
+        per_run = iter(per_run)
+        return fn(*(next(per_run) if axis == 0 else arg for arg, axis in zip(args, in_axes)))
+
+      return jax.lax.map(one, stacked)
+
+    return mapped
+
   # -- train ------------------------------------------------------------------------------------
 
   def batch(self, seed, step, order, split: device_data.DeviceSplit):
@@ -303,7 +327,7 @@ class MultiRun:
   def _train_step(self, state: MultiRunState, split: device_data.DeviceSplit,
                   orders: jax.Array) -> tuple[MultiRunState, dict[str, jax.Array]]:
     """One step of every run: (state, {'loss', 'ce', <terms>}: float32 [R])."""
-    params, batch_stats, opt_state, terms = jax.vmap(
+    params, batch_stats, opt_state, terms = self.over_runs(
         self._run_step, in_axes=(0, 0, 0, 0, 0, None, None))(
             state.params, state.batch_stats, state.opt_state, state.hparams, orders, split,
             state.step)
@@ -340,7 +364,8 @@ class MultiRun:
 
     def batch_correct(batch):
       x = device_augment.eval_transform(batch[0], mean=self.mean, std=self.std)
-      return jax.vmap(run_correct, in_axes=(0, 0, None, None))(params, batch_stats, x, batch[1])
+      return self.over_runs(run_correct, in_axes=(0, 0, None, None))(params, batch_stats, x,
+                                                                      batch[1])
 
     correct = jax.lax.map(batch_correct, (images, labels))  # [batches, R]
     return jnp.sum(correct, axis=0).astype(jnp.float32) / num
@@ -495,8 +520,8 @@ def _check_finite(specs: Sequence[RunSpec], epoch: int, means: Mapping[str, Any]
 
 def train_runs(config: ml_collections.ConfigDict, specs: Sequence[RunSpec], workdir: str, *,
                data: Mapping[str, device_data.DeviceSplit] | None = None,
-               checkpoint_every_epochs: int = 1,
-               stop_after_epoch: int | None = None) -> MultiRunState:
+               checkpoint_every_epochs: int = 1, stop_after_epoch: int | None = None,
+               run_axis: str = 'vmap') -> MultiRunState:
   """Trains (resuming from `workdir`), evaluates every epoch, checkpoints, exports every run.
 
   Args:
@@ -508,6 +533,7 @@ def train_runs(config: ml_collections.ConfigDict, specs: Sequence[RunSpec], work
     checkpoint_every_epochs: K; the state is also saved after the last epoch.
     stop_after_epoch: return (saved) after this epoch although `num_epochs` is not reached,
       e.g. to split the training over several sessions; the next call resumes.
+    run_axis: see `MultiRun`.
 
   Returns:
     The stacked state. Raises `train.NonFiniteLossError` when a loss term of some run becomes
@@ -519,7 +545,7 @@ def train_runs(config: ml_collections.ConfigDict, specs: Sequence[RunSpec], work
   if data is None:
     setting, kwargs = device_data.generator_settings(config.dataset.name)
     data = device_data.shapes_splits(setting, image_size=config.dataset.image_size, **kwargs)
-  trainer = MultiRun(config, specs, num_train_examples=len(data['train']))
+  trainer = MultiRun(config, specs, num_train_examples=len(data['train']), run_axis=run_axis)
   _check_same_runs(workdir, specs)
   state = trainer.init_state()
   manager = _manager(workdir)

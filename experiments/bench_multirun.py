@@ -9,7 +9,9 @@ every row needs are computed for all), data and augmentation on the device. It c
 step, runs --warmup steps, then times --steps steps (wall clock, synchronised at the end) in
 each of --repeats rounds and reports the median: ms per step, img/s = R·B·steps / time, and
 the speed-up R·t(1) / t(R) (R = 1 must be in --runs; 1 = no gain from running together, R =
-the R runs cost one). The same command runs on any backend jax picks.
+the R runs cost one), for each way of going over the runs (--run_axes: 'vmap' batches them,
+'map' loops over them inside the step; see `multirun.MultiRun`). The same command runs on any
+backend jax picks.
 
 Sizes:
   tiny   ShapesCNN 4/10 on 16-px images, 2 groups (the test network)
@@ -63,9 +65,9 @@ def bench_specs(num_runs: int) -> list[multirun.RunSpec]:
           for i in range(num_runs)]
 
 
-def time_step(config, specs, split, args) -> list[float]:
+def time_step(config, specs, split, args, run_axis: str = 'vmap') -> list[float]:
   """Seconds per step, one value per round."""
-  trainer = multirun.MultiRun(config, specs, num_train_examples=len(split))
+  trainer = multirun.MultiRun(config, specs, num_train_examples=len(split), run_axis=run_axis)
   state = trainer.init_state()
   orders = trainer.epoch_orders(state, len(split))
   for _ in range(1 + args.warmup):  # compile + warm-up
@@ -87,19 +89,22 @@ def bench_size(size: str, args) -> dict:
                                     images_per_class=args.images_per_class)['train']
   result = {'size': size, 'widths': list(config.model.kwargs.widths),
             'image_size': config.dataset.image_size, 'augment': config.dataset.augment,
-            'batch_size_per_run': args.batch_size, 'runs': {}}
+            'batch_size_per_run': args.batch_size, 'steps': []}
   for num_runs in args.runs:
-    rounds = time_step(config, bench_specs(num_runs), split, args)
-    seconds = statistics.median(rounds)
-    result['runs'][num_runs] = {
-        'seconds_per_step_rounds': rounds, 'ms_per_step': seconds * 1e3,
-        'images_per_second': num_runs * args.batch_size / seconds}
-    print(f'{size:6s} R={num_runs:<3d} {seconds * 1e3:10.2f} ms/step '
-          f'{num_runs * args.batch_size / seconds:10.1f} img/s', flush=True)
-  if 1 in args.runs:
-    single = result['runs'][1]['ms_per_step']
-    for num_runs, entry in result['runs'].items():
-      entry['speedup_vs_separate'] = num_runs * single / entry['ms_per_step']
+    # R = 1 is the same computation either way: timed once.
+    for run_axis in (args.run_axes[:1] if num_runs == 1 else args.run_axes):
+      rounds = time_step(config, bench_specs(num_runs), split, args, run_axis)
+      seconds = statistics.median(rounds)
+      result['steps'].append({
+          'runs': num_runs, 'run_axis': run_axis, 'seconds_per_step_rounds': rounds,
+          'ms_per_step': seconds * 1e3,
+          'images_per_second': num_runs * args.batch_size / seconds})
+      print(f'{size:6s} R={num_runs:<3d} {run_axis:5s} {seconds * 1e3:10.2f} ms/step '
+            f'{num_runs * args.batch_size / seconds:10.1f} img/s', flush=True)
+  single = [entry['ms_per_step'] for entry in result['steps'] if entry['runs'] == 1]
+  for entry in result['steps']:
+    if single:
+      entry['speedup_vs_separate'] = entry['runs'] * single[0] / entry['ms_per_step']
   return result
 
 
@@ -107,6 +112,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes', default='tiny,paper', help=f'comma-separated, from {list(SIZES)}')
   parser.add_argument('--runs', default='1,3', help='comma-separated numbers of runs R')
+  parser.add_argument('--run_axes', default='vmap,map',
+                      help=f'comma-separated, from {multirun.RUN_AXES} (see multirun.MultiRun)')
   parser.add_argument('--batch_size', type=int, default=32, help='per run')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
@@ -122,6 +129,9 @@ def main(argv=None) -> int:
     args.runs = sorted({int(value) for value in args.runs.split(',') if value.strip()})
   except ValueError:
     parser.error(f'--runs must be comma-separated integers; got {args.runs!r}')
+  args.run_axes = [name.strip() for name in args.run_axes.split(',') if name.strip()]
+  if not args.run_axes or sorted(set(args.run_axes) - set(multirun.RUN_AXES)):
+    parser.error(f'--run_axes: choose from {multirun.RUN_AXES}; got {args.run_axes}')
   for flag, low in (('steps', 1), ('repeats', 1), ('warmup', 0), ('batch_size', 1)):
     if getattr(args, flag) < low:
       parser.error(f'--{flag} must be >= {low}; got {getattr(args, flag)}')
@@ -133,11 +143,11 @@ def main(argv=None) -> int:
         f'{args.batch_size} per run; {args.repeats} rounds × {args.steps} steps', flush=True)
   results = [bench_size(size, args) for size in sizes]
   if 1 in args.runs:
-    print(f'\n{"size":6s} {"R":>3s} {"img/s":>10s} {"R·t(1)/t(R)":>12s}')
+    print(f'\n{"size":6s} {"R":>3s} {"axis":5s} {"img/s":>10s} {"R·t(1)/t(R)":>12s}')
     for result in results:
-      for num_runs, entry in result['runs'].items():
-        print(f'{result["size"]:6s} {num_runs:3d} {entry["images_per_second"]:10.1f} '
-              f'{entry["speedup_vs_separate"]:12.2f}')
+      for entry in result['steps']:
+        print(f'{result["size"]:6s} {entry["runs"]:3d} {entry["run_axis"]:5s} '
+              f'{entry["images_per_second"]:10.1f} {entry["speedup_vs_separate"]:12.2f}')
   if args.json:
     write_json_atomic(args.json, {'device': f'{device.platform} {device.device_kind}',
                                   'jax': jax.__version__, 'command': ' '.join(sys.argv),

@@ -72,6 +72,24 @@ def test_vmapped_runs_equal_separate_runs(data, specs):
                            state.params['conv1']['kernel'][(index + 1) % len(specs)])
 
 
+def test_map_over_runs_equals_vmap(data, specs):
+  config = tiny_config()
+  runs = [specs[0], specs[3], specs[4]]
+  states = {}
+  for run_axis in multirun.RUN_AXES:
+    trainer = multirun.MultiRun(config, runs, num_train_examples=len(data['train']),
+                                run_axis=run_axis)
+    state, _ = _steps(trainer, trainer.init_state(), data['train'], 2)
+    top1 = trainer.evaluate(state.params, state.batch_stats, data['validation'],
+                            eval_batch_size=32)
+    states[run_axis] = (jax.device_get(state.params), np.asarray(top1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               states['vmap'][0], states['map'][0])
+  np.testing.assert_array_equal(states['vmap'][1], states['map'][1])
+  with pytest.raises(ValueError, match="run_axis must be one of .*'pmap'"):
+    multirun.MultiRun(config, runs, num_train_examples=100, run_axis='pmap')
+
+
 def test_terms_and_update_equal_the_trainers(data, specs):
   """Per run: the terms equal regularize.cgl_terms on the same batch and pair key, and the
   update equals the single-run trainer's optimizer (with its weight decay) on the same loss."""
