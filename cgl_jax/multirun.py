@@ -1,4 +1,5 @@
-"""Several training runs at once: `jax.vmap` over independent train states, data on the device.
+"""Several training runs at once: independent train states stacked along a run axis and stepped
+together in one jitted function (`jax.vmap` or `lax.map` over the runs), data on the device.
 
     runs = multirun.grid({'baseline': dict(weight_decay=1e-4),
                           'cgl': dict(lambda_bn=1e-3, lambda_g=1e-2, lambda_s=1e-3)},
@@ -9,7 +10,8 @@
 
 R runs (e.g. seeds × regulariser rows) share the model, the data, the optimiser recipe and the
 schedule of `config`; each has its own seed and its own λ_bn, λ_g, λ_s, λ_o and weight decay
-(`RunSpec`). These are ARRAYS in the vmapped state, so all rows share one compile and one pass.
+(`RunSpec`). These are ARRAYS in the stacked state, so all rows share one compile and one pass
+over the data.
 
 Per run and step (the objective of `train.train_step`, single device, SGD only):
 
@@ -38,7 +40,6 @@ its single-run config in `config.json`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -185,16 +186,20 @@ class MultiRun:
     specs: the runs.
     num_train_examples: the train split's size (for the epoch length).
     run_axis: how the model's computation goes over the runs inside the jitted step:
-      'vmap' (default) batches the R runs into one computation (the convolutions become
-      grouped convolutions over R·C channels); 'map' loops over them (`lax.map`: R ordinary
-      convolutions one after another, one compile). Results agree to float rounding.
+      'vmap' batches the R runs into one computation (the convolutions become grouped
+      convolutions over R·C channels); 'map' loops over them (`lax.map`: R ordinary
+      convolutions one after another, one compile); 'auto' (default) is 'map' on the CPU,
+      whose XLA backend has no fast grouped convolution, else 'vmap'. Results agree to float
+      rounding; `experiments/bench_multirun.py` times both.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, specs: Sequence[RunSpec], *,
-               num_train_examples: int, run_axis: str = 'vmap'):
+               num_train_examples: int, run_axis: str = 'auto'):
     _check_config(config, specs)
-    if run_axis not in RUN_AXES:
-      raise ValueError(f'run_axis must be one of {RUN_AXES}; got {run_axis!r}')
+    if run_axis not in ('auto', *RUN_AXES):
+      raise ValueError(f"run_axis must be one of {('auto', *RUN_AXES)}; got {run_axis!r}")
+    if run_axis == 'auto':
+      run_axis = 'map' if jax.default_backend() == 'cpu' else 'vmap'
     self.run_axis = run_axis
     self.config = config
     self.specs = tuple(specs)
@@ -436,19 +441,43 @@ def _write_json(path: str, value) -> None:
   os.replace(tmp, path)
 
 
-def _check_same_runs(workdir: str, specs: Sequence[RunSpec]) -> None:
-  """A workdir holds one set of runs: a rerun must ask for the same ones (to resume them)."""
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _check_same_runs(workdir: str, config: ml_collections.ConfigDict,
+                     specs: Sequence[RunSpec]) -> None:
+  """A workdir holds one set of runs of one config: a rerun must ask for the same (to resume).
+
+  The config's seed and λ are not compared (the runs carry their own).
+  """
   path = os.path.join(os.path.abspath(workdir), RUNS_FILE)
-  wanted = [dataclasses.asdict(spec) for spec in specs]
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    if stored != wanted:
-      raise ValueError(f'{workdir} holds other runs ({RUNS_FILE}: {stored}); got {wanted}. '
-                       'Use a new workdir for a new set of runs.')
-  else:
+  shared = _flatten(json.loads(config.to_json_best_effort()))
+  for key in ('seed', *(f'cgl.{name}' for name in HPARAMS[:-1]), 'optimizer.weight_decay'):
+    shared.pop(key, None)
+  wanted = {'runs': [dataclasses.asdict(spec) for spec in specs], 'config': shared}
+  if not os.path.exists(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _write_json(path, wanted)
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  if stored['runs'] != wanted['runs']:
+    raise ValueError(f"{workdir} holds other runs ({RUNS_FILE}: {stored['runs']}); got "
+                     f"{wanted['runs']}. Use a new workdir for a new set of runs.")
+  changed = sorted(key for key in set(shared) | set(stored['config'])
+                   if shared.get(key) != stored['config'].get(key))
+  if changed:
+    detail = ', '.join(f"{key}: {stored['config'].get(key)!r} → {shared.get(key)!r}"
+                       for key in changed)
+    raise ValueError(f'{workdir} holds runs of another config ({detail}). Use a new workdir, '
+                     'or the config the runs were started with to resume them.')
 
 
 def _run_slice(tree, index: int):
@@ -521,7 +550,7 @@ def _check_finite(specs: Sequence[RunSpec], epoch: int, means: Mapping[str, Any]
 def train_runs(config: ml_collections.ConfigDict, specs: Sequence[RunSpec], workdir: str, *,
                data: Mapping[str, device_data.DeviceSplit] | None = None,
                checkpoint_every_epochs: int = 1, stop_after_epoch: int | None = None,
-               run_axis: str = 'vmap') -> MultiRunState:
+               run_axis: str = 'auto') -> MultiRunState:
   """Trains (resuming from `workdir`), evaluates every epoch, checkpoints, exports every run.
 
   Args:
@@ -546,7 +575,7 @@ def train_runs(config: ml_collections.ConfigDict, specs: Sequence[RunSpec], work
     setting, kwargs = device_data.generator_settings(config.dataset.name)
     data = device_data.shapes_splits(setting, image_size=config.dataset.image_size, **kwargs)
   trainer = MultiRun(config, specs, num_train_examples=len(data['train']), run_axis=run_axis)
-  _check_same_runs(workdir, specs)
+  _check_same_runs(workdir, config, specs)
   state = trainer.init_state()
   manager = _manager(workdir)
   if manager.latest_step() is not None:

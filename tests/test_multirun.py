@@ -60,7 +60,8 @@ def _steps(trainer, state, split, count):
 
 def test_vmapped_runs_equal_separate_runs(data, specs):
   config = tiny_config()
-  together = multirun.MultiRun(config, specs, num_train_examples=len(data['train']))
+  together = multirun.MultiRun(config, specs, num_train_examples=len(data['train']),
+                               run_axis='vmap')
   state, _ = _steps(together, together.init_state(), data['train'], 3)
   assert together.terms == ('r_bn', 'l_g', 'l_s', 'r_orth')
   for index in (0, 3, 4):  # baseline seed 0, cgl seed 1, orth seed 0: one compile each
@@ -183,6 +184,9 @@ def test_resume_is_bit_exact_and_exports_load(tmp_path, data, specs):
 
   with pytest.raises(ValueError, match='holds other runs'):
     multirun.train_runs(config, specs[:2], str(tmp_path / 'whole'), data=data)
+  longer = tiny_config(num_epochs=3)
+  with pytest.raises(ValueError, match='another config \\(num_epochs: 2.0 → 3.0\\)'):
+    multirun.train_runs(longer, specs, str(tmp_path / 'whole'), data=data)
 
 
 def test_best_is_the_first_epoch_at_the_maximum(data):
