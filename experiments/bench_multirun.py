@@ -10,8 +10,8 @@ step, runs --warmup steps, then times --steps steps (wall clock, synchronised at
 each of --repeats rounds and reports the median: ms per step, img/s = R·B·steps / time, and
 the speed-up R·t(1) / t(R) (R = 1 must be in --runs; 1 = no gain from running together, R =
 the R runs cost one), for each way of going over the runs (--run_axes: 'vmap' batches them,
-'map' loops over them inside the step; see `multirun.MultiRun`). The same command runs on any
-backend jax picks.
+'unroll' puts R copies of one run's step into it; see `multirun.MultiRun`). The same command
+runs on any backend jax picks.
 
 Sizes:
   tiny   ShapesCNN 4/10 on 16-px images, 2 groups (the test network)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes', default='tiny,paper', help=f'comma-separated, from {list(SIZES)}')
   parser.add_argument('--runs', default='1,3', help='comma-separated numbers of runs R')
-  parser.add_argument('--run_axes', default='vmap,map',
+  parser.add_argument('--run_axes', default='vmap,unroll',
                       help=f'comma-separated, from {multirun.RUN_AXES} (see multirun.MultiRun)')
   parser.add_argument('--batch_size', type=int, default=32, help='per run')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round')

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from cgl_jax import checkpoints, models, multirun, regularize, train
+from cgl_jax import checkpoints, models, multirun, multirun_loop, regularize, train
 from cgl_jax.data import device_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_vmapped_runs_equal_separate_runs(data, specs):
                            state.params['conv1']['kernel'][(index + 1) % len(specs)])
 
 
-def test_map_over_runs_equals_vmap(data, specs):
+def test_unrolled_runs_equal_vmap(data, specs):
   config = tiny_config()
   runs = [specs[0], specs[3], specs[4]]
   states = {}
@@ -85,8 +85,8 @@ def test_map_over_runs_equals_vmap(data, specs):
                             eval_batch_size=32)
     states[run_axis] = (jax.device_get(state.params), np.asarray(top1))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
-               states['vmap'][0], states['map'][0])
-  np.testing.assert_array_equal(states['vmap'][1], states['map'][1])
+               states['vmap'][0], states['unroll'][0])
+  np.testing.assert_array_equal(states['vmap'][1], states['unroll'][1])
   with pytest.raises(ValueError, match="run_axis must be one of .*'pmap'"):
     multirun.MultiRun(config, runs, num_train_examples=100, run_axis='pmap')
 
@@ -156,22 +156,22 @@ def _leaves_equal(a, b):
 
 def test_resume_is_bit_exact_and_exports_load(tmp_path, data, specs):
   config = tiny_config(num_epochs=2)
-  whole = multirun.train_runs(config, specs, str(tmp_path / 'whole'), data=data)
-  first = multirun.train_runs(config, specs, str(tmp_path / 'split'), data=data,
+  whole = multirun_loop.train_runs(config, specs, str(tmp_path / 'whole'), data=data)
+  first = multirun_loop.train_runs(config, specs, str(tmp_path / 'split'), data=data,
                               stop_after_epoch=1)
   assert int(first.step) == whole.step // 2
-  assert not os.path.exists(tmp_path / 'split' / multirun.RUNS_SUBDIR)  # exported at the end
-  resumed = multirun.train_runs(config, specs, str(tmp_path / 'split'), data=data)
+  assert not os.path.exists(tmp_path / 'split' / multirun_loop.RUNS_SUBDIR)  # exported at the end
+  resumed = multirun_loop.train_runs(config, specs, str(tmp_path / 'split'), data=data)
   _leaves_equal(whole, resumed)
 
-  summary = json.loads((tmp_path / 'whole' / multirun.SUMMARY_FILE).read_text())
+  summary = json.loads((tmp_path / 'whole' / multirun_loop.SUMMARY_FILE).read_text())
   assert list(summary['runs']) == [spec.name for spec in specs]
   steps_per_epoch = int(whole.step) // 2
   for index, spec in enumerate(specs):
     run = summary['runs'][spec.name]
     top1 = run['history']['val_top1']
     assert run['best_epoch'] == 1 + int(np.argmax(top1))  # first epoch at the maximum
-    directory = multirun.run_dir(str(tmp_path / 'whole'), spec)
+    directory = multirun_loop.run_dir(str(tmp_path / 'whole'), spec)
     single = multirun.run_config(config, spec)
     _, variables, step = checkpoints.restore_model(single, directory)
     assert step == int(whole.step)
@@ -183,10 +183,10 @@ def test_resume_is_bit_exact_and_exports_load(tmp_path, data, specs):
       assert json.load(f)['seed'] == spec.seed
 
   with pytest.raises(ValueError, match='holds other runs'):
-    multirun.train_runs(config, specs[:2], str(tmp_path / 'whole'), data=data)
+    multirun_loop.train_runs(config, specs[:2], str(tmp_path / 'whole'), data=data)
   longer = tiny_config(num_epochs=3)
   with pytest.raises(ValueError, match='another config \\(num_epochs: 2.0 → 3.0\\)'):
-    multirun.train_runs(longer, specs, str(tmp_path / 'whole'), data=data)
+    multirun_loop.train_runs(longer, specs, str(tmp_path / 'whole'), data=data)
 
 
 def test_best_is_the_first_epoch_at_the_maximum(data):
