@@ -95,7 +95,8 @@ def test_terms_and_update_equal_the_trainers(data, specs):
   """Per run: the terms equal regularize.cgl_terms on the same batch and pair key, and the
   update equals the single-run trainer's optimizer (with its weight decay) on the same loss."""
   config = tiny_config()
-  trainer = multirun.MultiRun(config, specs, num_train_examples=len(data['train']))
+  trainer = multirun.MultiRun(config, specs, num_train_examples=len(data['train']),
+                              run_axis='vmap')
   start = trainer.init_state()
   start_params = jax.device_get(start.params)  # the state is donated below
   orders = trainer.epoch_orders(start, len(data['train']))
@@ -156,12 +157,13 @@ def _leaves_equal(a, b):
 
 def test_resume_is_bit_exact_and_exports_load(tmp_path, data, specs):
   config = tiny_config(num_epochs=2)
-  whole = multirun_loop.train_runs(config, specs, str(tmp_path / 'whole'), data=data)
-  first = multirun_loop.train_runs(config, specs, str(tmp_path / 'split'), data=data,
-                              stop_after_epoch=1)
+  # vmap compiles R runs once (unroll compiles R copies; test_unrolled_runs_equal_vmap covers it).
+  run_all = functools.partial(multirun_loop.train_runs, data=data, run_axis='vmap')
+  whole = run_all(config, specs, str(tmp_path / 'whole'))
+  first = run_all(config, specs, str(tmp_path / 'split'), stop_after_epoch=1)
   assert int(first.step) == whole.step // 2
   assert not os.path.exists(tmp_path / 'split' / multirun_loop.RUNS_SUBDIR)  # exported at the end
-  resumed = multirun_loop.train_runs(config, specs, str(tmp_path / 'split'), data=data)
+  resumed = run_all(config, specs, str(tmp_path / 'split'))
   _leaves_equal(whole, resumed)
 
   summary = json.loads((tmp_path / 'whole' / multirun_loop.SUMMARY_FILE).read_text())
