@@ -1,14 +1,12 @@
 """Concept Group Learning regularizers as pure JAX functions.
 
-Varshneya et al., "Learning Interpretable Concept Groups in CNNs", IJCAI 2021. Where the
-paper and the authors' PyTorch code (srb-cv/cgl) differ, the docstring says which one a
-function follows. Conventions:
+Varshneya et al., "Learning Interpretable Concept Groups in CNNs", IJCAI 2021. Where the paper and
+the authors' PyTorch code (srb-cv/cgl) differ, the docstring says which one a function follows.
   * Activations are NHWC ``[B, H, W, C]``; conv kernels are Flax's ``[kh, kw, C_in, C_out]``.
-  * A layer with C channels and G groups has ``f = C // G`` filters per group; group g
-    holds channels ``[g·f, (g+1)·f)``; the ``C − G·f`` free channels join no group term.
-  * Computation runs in at least float32 (bfloat16/float16 inputs are promoted, float64
-    stays float64), and the results have that dtype.
-  * Norms and divisions are guarded: values and gradients stay finite at zero.
+  * A layer with C channels and G groups has ``f = C // G`` filters per group; group g holds
+    channels ``[g·f, (g+1)·f)``; the ``C − G·f`` free channels join no group term.
+  * Computation runs in at least float32 (bfloat16/float16 promoted, float64 kept), the dtype of
+    the results. Norms and divisions are guarded: values and gradients stay finite at zero.
   * ``axis_name``: under ``pmap``/``shard_map``/``vmap`` with a named batch axis, batch
     statistics are summed over it (``lax.psum``): every device gets the global value.
 
@@ -36,9 +34,9 @@ def _compute_dtype(x: Array) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(x), jnp.float32)  # at least float32
 
 
-def _check_rank(x: Array, name: str, rank: int, layout: str) -> None:
-  if jnp.ndim(x) != rank:
-    raise ValueError(f'{name} must have rank {rank} {layout}; got shape {tuple(jnp.shape(x))}.')
+def _check_rank(x: Array, name: str) -> None:
+  if jnp.ndim(x) != 4:
+    raise ValueError(f'{name} must have rank 4 [B, H, W, C]; got shape {tuple(jnp.shape(x))}.')
 
 
 def _check_positive_int(value: Any, name: str, context: str = '') -> None:
@@ -55,10 +53,13 @@ def _group_size(num_channels: int, num_groups: int, *, name: str, shape: Sequenc
   return num_channels // num_groups
 
 
-def _safe_sqrt(x: Array) -> Array:
-  """sqrt(x) for x >= 0 with gradient 0 (not inf) at x = 0."""
+def _safe_root(x: Array, order: float = 2) -> Array:
+  """x^(1/order) for x >= 0 (x itself for order 1 or inf), with gradient 0 (not inf) at x = 0."""
+  if order in (1, float('inf')):
+    return x
   positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+  safe_x = jnp.where(positive, x, 1)
+  return jnp.where(positive, jnp.sqrt(safe_x) if order == 2 else safe_x**(1.0 / order), 0)
 
 
 def _safe_divide(numerator: Array, denominator: Array) -> Array:
@@ -68,25 +69,14 @@ def _safe_divide(numerator: Array, denominator: Array) -> Array:
 
 
 def _norm_powers(x: Array, order: float) -> Array:
-  """|x|^order element-wise (|x| for inf): the terms a norm accumulates."""
+  """|x|^order element-wise (|x| for inf): the terms `_norm_accumulate` sums (maxes for inf)."""
   if order == 2:
     return jnp.square(x)
   return jnp.abs(x) if order in (1, float('inf')) else jnp.abs(x)**order
 
 
 def _norm_accumulate(terms: Array, order: float, axis: Axis) -> Array:
-  """Sums (max for inf) the `_norm_powers` terms over ``axis``."""
   return jnp.max(terms, axis=axis) if order == float('inf') else jnp.sum(terms, axis=axis)
-
-
-def _norm_root(total: Array, order: float) -> Array:
-  """total^(1/order) with zero (not NaN/inf) gradient at total = 0."""
-  if order in (1, float('inf')):
-    return total
-  if order == 2:
-    return _safe_sqrt(total)
-  positive = total > 0
-  return jnp.where(positive, jnp.where(positive, total, 1)**(1.0 / order), 0)
 
 
 def _batch_sum(x: Any, axis_name: Optional[AxisName]) -> Any:
@@ -98,35 +88,31 @@ def _soft_jaccard_from_l1(diff: Array, norm_p: Array, norm_q: Array) -> Array:
   return _safe_divide(2 * diff, norm_p + norm_q + diff)
 
 
-def soft_masks(preact: Array, *, scale: Union[float, Array] = 1.0,
-               shift: Union[float, Array] = 0.0, eps: float = 5e-3,
-               axis_name: Optional[AxisName] = None) -> Array:
+def soft_masks(preact: Array, *, scale: Union[float, Array] = 1.0, shift: Union[float, Array] = 0.0,
+               eps: float = 5e-3, axis_name: Optional[AxisName] = None) -> Array:
   """Soft masks ψ = sigmoid(scale · a / (S_c + eps) + shift) of pre-activations a.
 
-  S_c is the standard deviation (ddof = 1, not stopped from the gradient) of channel c over
-  the batch and both spatial axes, over the global batch under ``axis_name``. Paper and
-  authors' code agree; ``scale``, ``shift`` are the paper's P1, P2 (1 and 0 in the code).
+  S_c is the standard deviation (ddof = 1, not stopped from the gradient) of channel c over the
+  batch and both spatial axes, over the global batch under ``axis_name``. Paper and authors' code
+  agree; ``scale``, ``shift`` are the paper's P1, P2 (1 and 0 in the code). Returns ψ in (0, 1),
+  ``[B, H, W, C]``, in the compute dtype.
 
   Args:
     preact: ``[B, H, W, C]`` conv output before the non-linearity.
     scale, shift: P1, P2 (Python numbers or scalar arrays, e.g. learned).
     eps: added to S_c (5e-3 as in the authors' code).
     axis_name: named batch axis.
-
-  Returns:
-    ψ in (0, 1), ``[B, H, W, C]``, in the compute dtype.
   """
-  _check_rank(preact, 'preact', 4, '[B, H, W, C]')
+  _check_rank(preact, 'preact')
   x = jnp.asarray(preact).astype(_compute_dtype(preact))
   local_count = x.shape[0] * x.shape[1] * x.shape[2]
   if axis_name is None and local_count < 2:
     raise ValueError('soft_masks needs at least 2 values per channel for the ddof=1 standard '
                      f'deviation; preact has shape {x.shape}.')
-  total, count = _batch_sum((jnp.sum(x, axis=(0, 1, 2)), jnp.asarray(local_count, x.dtype)),
-                            axis_name)
+  total, count = _batch_sum((x.sum((0, 1, 2)), jnp.asarray(local_count, x.dtype)), axis_name)
   mean = total / count  # two passes (mean, then deviations): accurate with large means
   squared_deviation = _batch_sum(jnp.sum(jnp.square(x - mean), axis=(0, 1, 2)), axis_name)
-  std = _safe_sqrt(squared_deviation / (count - 1))
+  std = _safe_root(squared_deviation / (count - 1))
   return jax.nn.sigmoid(scale * x / (std + eps) + shift)
 
 
@@ -134,19 +120,17 @@ def soft_masks_bn(bn_out: Array, gamma: Array, *, scale: Union[float, Array] = 1
                   shift: Union[float, Array] = 0.0, eps: float = 1e-3) -> Array:
   """Soft masks ψ = sigmoid(scale · y / γ̃_c + shift) of a batch-norm output y ("Alexnet-B").
 
-  γ̃ = sign(γ) · max(|γ|, eps) with γ the BN scale (sign(0) counts as +), so y / γ is the
-  paper's τ. The authors' code divides by the BN running variance: pass it as ``gamma``.
+  γ̃ = sign(γ) · max(|γ|, eps) with γ the BN scale (sign(0) counts as +), so y / γ is the paper's
+  τ. The authors' code divides by the BN running variance: pass it as ``gamma``. Returns ψ in
+  (0, 1), ``[B, H, W, C]``, in the compute dtype.
 
   Args:
     bn_out: ``[B, H, W, C]`` batch-norm output (before the non-linearity).
     gamma: ``[C]`` BN scale (or running variance).
     scale, shift: P1, P2.
     eps: lower bound on |γ|.
-
-  Returns:
-    ψ in (0, 1), ``[B, H, W, C]``, in the compute dtype.
   """
-  _check_rank(bn_out, 'bn_out', 4, '[B, H, W, C]')
+  _check_rank(bn_out, 'bn_out')
   if jnp.shape(gamma) != (bn_out.shape[-1],):
     raise ValueError(f'gamma must have shape [C] = ({bn_out.shape[-1]},) to match bn_out with '
                      f'shape {tuple(bn_out.shape)}; got shape {tuple(jnp.shape(gamma))}.')
@@ -194,50 +178,45 @@ def _grouped_maps(x: Array, num_groups: int) -> Array:
 def pair_l1_sums(x: Array, pair_indices: Array, *, num_groups: int) -> Array:
   """Σ_hw |x[b, hw, g·f + i] − x[b, hw, g·f + j]| per pair (i, j): ``[B, HW, C]`` → ``[B, G, r]``.
 
-  The default ``pair_sums`` of `group_coherence`: a gather of both filters of every pair
-  (one transient ``[B, HW, G, r]`` array), differentiable in any mode. Indices are read
-  as jax indexing reads them (negative ones count from the end, then clamped to [0, f)).
+  The default ``pair_sums`` of `group_coherence`: a gather of both filters of every pair (one
+  transient ``[B, HW, G, r]`` array), differentiable in any mode. Indices are read as jax
+  indexing reads them (negative ones count from the end, then clamped to [0, f)).
   """
   maps = _grouped_maps(x, num_groups)
   return jnp.sum(jnp.abs(maps[..., pair_indices[:, 0]] - maps[..., pair_indices[:, 1]]), axis=1)
 
 
-def _exact_pairs(num_filters: int) -> tuple[Array, Array, Array]:
-  """Shifts k = 1 … ⌊f/2⌋, pairs (i, i+k mod f) k-major ``[K·f, 2]``, weights ``[K·f]`` (sum 1).
+def _all_pairs_l1(x: Array, num_groups: int) -> tuple[Array, Array, Array]:
+  """All ordered in-group pairs of ψ ``[B, HW, C]``, by filter shift k = 1 … K = ⌊f/2⌋.
 
-  D is symmetric: shift k also stands for f − k (weight 2), except k = f/2 (weight 1).
+  Returns pairs (i, i+k mod f) ``[K·f, 2]`` at index (k−1)·f + i, weights ``[K·f]`` (sum 1; D is
+  symmetric: shift k also stands for f − k, weight 2, except k = f/2, weight 1) and L1 sums
+  ``[B, G, K·f]`` from a ``lax.scan`` of rematerialised steps: the forward and backward passes
+  hold about three arrays of the size of ψ, never f².
   """
-  shifts = jnp.arange(1, num_filters // 2 + 1, dtype=jnp.int32)
-  weight_per_shift = jnp.where(2 * shifts == num_filters, 1.0, 2.0) / (
-      num_filters * (num_filters - 1))
-  first = jnp.tile(jnp.arange(num_filters, dtype=jnp.int32), shifts.shape[0])
-  second = (first + jnp.repeat(shifts, num_filters)) % num_filters
-  return shifts, jnp.stack([first, second], axis=1), jnp.repeat(weight_per_shift, num_filters)
-
-
-def _shifted_pair_l1(maps: Array, shifts: Array) -> Array:
-  """Σ_hw |maps[..., i] − maps[..., (i + k) mod f]| for every i and shift k: ``[B, HW, G, f]`` →
-  ``[B, G, K·f]`` (index k_index·f + i), a ``lax.scan`` of rematerialised steps: the forward
-  and backward passes hold about three arrays of the size of ``maps``, never f².
-  """
-  maps = maps.transpose(0, 2, 3, 1)  # [B, G, f, HW]: each filter's map contiguous
-  filters = jnp.arange(maps.shape[2])
+  maps = _grouped_maps(x, num_groups).transpose(0, 2, 3, 1)  # [B, G, f, HW]: maps contiguous
+  group_size = maps.shape[2]
+  shifts = jnp.arange(1, group_size // 2 + 1, dtype=jnp.int32)
+  weight_per_shift = jnp.where(2 * shifts == group_size, 1.0, 2.0) / (group_size * (group_size - 1))
+  first = jnp.tile(jnp.arange(group_size, dtype=jnp.int32), shifts.shape[0])
+  pairs = jnp.stack([first, (first + jnp.repeat(shifts, group_size)) % group_size], axis=1)
+  filters = jnp.arange(group_size)
 
   @jax.checkpoint
   def l1_to_shifted(shift):
     # A gather (not jnp.roll): its transpose accumulates into one buffer.
-    shifted = jnp.take(maps, (filters + shift) % maps.shape[2], axis=2)
+    shifted = jnp.take(maps, (filters + shift) % group_size, axis=2)
     return jnp.sum(jnp.abs(maps - shifted), axis=-1)  # [B, G, f]
 
   _, per_shift = lax.scan(lambda carry, k: (carry, l1_to_shifted(k)), None, shifts)
-  return jnp.moveaxis(per_shift, 0, 2).reshape(maps.shape[0], maps.shape[1], -1)
+  pair_l1 = jnp.moveaxis(per_shift, 0, 2).reshape(maps.shape[0], num_groups, -1)
+  return pairs, jnp.repeat(weight_per_shift, group_size), pair_l1
 
 
 def _check_pair_indices(pair_indices: Array, group_size: int) -> None:
-  if jnp.ndim(pair_indices) != 2 or jnp.shape(pair_indices)[1] != 2 or (
-      jnp.shape(pair_indices)[0] == 0):
-    raise ValueError('pair_indices must have shape [r, 2] with r >= 1; got shape '
-                     f'{tuple(jnp.shape(pair_indices))}.')
+  shape = tuple(jnp.shape(pair_indices))
+  if len(shape) != 2 or shape[1] != 2 or shape[0] == 0:
+    raise ValueError(f'pair_indices must have shape [r, 2] with r >= 1; got shape {shape}.')
   if not jnp.issubdtype(jnp.result_type(pair_indices), jnp.integer):
     raise ValueError(f'pair_indices must be integers; got dtype {jnp.result_type(pair_indices)}.')
   if not isinstance(pair_indices, jax.core.Tracer):  # concrete values (even under jit)
@@ -253,7 +232,7 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
                     pair_indices: Optional[Array] = None, reduction: str = 'per_sample',
                     axis_name: Optional[AxisName] = None,
                     pair_sums: Optional[PairSums] = None) -> Array:
-  """Group coherence: mean soft Jaccard distance D between the filters of each group.
+  """Group coherence ``[G]`` in [0, 1] (compute dtype): mean soft Jaccard distance D per group.
 
   For group g (channels ``[g·f, (g+1)·f)``) and ordered pairs (i, j), i ≠ j, of its filters:
 
@@ -262,42 +241,34 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
       pooled:     value_g = mean_pairs D(ψ[..., g·f+i], ψ[..., g·f+j])
                   (norms over B×H×W: the paper's text)
 
-  The layer's L_g is ``value.sum()`` (the network's: the mean over layers).
-
-  Pairs: 'sampled' (paper and code) uses ``num_pairs`` (default 3·f) pairs drawn from
-  ``key`` by `sample_pairs`, the same for every group as in the authors' code, or the
-  explicit ``pair_indices``. 'exact' (ours) averages over all f·(f−1) ordered pairs with a
-  scan over the ⌊f/2⌋ filter shifts, in memory linear in ψ; it is the expectation of
-  'sampled' over keys.
+  The layer's L_g is ``value.sum()`` (the network's: the mean over layers). Pairs: 'sampled'
+  (paper and code) uses ``num_pairs`` (default 3·f) pairs drawn from ``key`` by `sample_pairs`,
+  the same for every group as in the authors' code, or the explicit ``pair_indices``. 'exact'
+  (ours) averages over all f·(f−1) ordered pairs with a scan over the ⌊f/2⌋ filter shifts, in
+  memory linear in ψ; it is the expectation of 'sampled' over keys.
 
   Args:
     psi: ``[B, H, W, C]`` soft masks (e.g. from `soft_masks`).
     num_groups: G, with f = C // G >= 2.
-    pairs: 'exact' or 'sampled'.
-    key: PRNG key for 'sampled'.
-    num_pairs: r for 'sampled' (default 3·f).
-    pair_indices: int ``[r, 2]`` in-group filter indices in ``[0, f)`` for 'sampled',
-      instead of ``key``/``num_pairs`` (range checked when not traced).
-    reduction: 'per_sample' or 'pooled'.
+    pairs, reduction: 'exact' or 'sampled'; 'per_sample' or 'pooled'.
+    key, num_pairs: PRNG key and r (default 3·f) for 'sampled'.
+    pair_indices: int ``[r, 2]`` in-group filter indices in ``[0, f)`` for 'sampled', instead
+      of ``key``/``num_pairs`` (range checked when not traced).
     axis_name: named batch axis: means and sums then cover the global batch.
-    pair_sums: for 'sampled', a function ``(x, pair_indices, *, num_groups) -> [B, G, r]``
-      with x = ψ reshaped to ``[B, H·W, C]`` in the compute dtype (free channels included)
-      returning Σ_hw |x[b, hw, g·f + i] − x[b, hw, g·f + j]|, differentiable in x (at
-      least in reverse mode). None: `pair_l1_sums`.
-
-  Returns:
-    ``[G]`` per-group values in [0, 1], in the compute dtype.
+    pair_sums: for 'sampled', a function ``(x, pair_indices, *, num_groups) -> [B, G, r]`` with
+      x = ψ reshaped to ``[B, H·W, C]`` in the compute dtype (free channels included) returning
+      Σ_hw |x[b, hw, g·f + i] − x[b, hw, g·f + j]|, differentiable in x (at least in reverse
+      mode). None: `pair_l1_sums`.
   """
-  _check_rank(psi, 'psi', 4, '[B, H, W, C]')
+  _check_rank(psi, 'psi')
   batch, height, width, channels = psi.shape
   group_size = _group_size(channels, num_groups, name='psi', shape=psi.shape)
   if group_size < 2:
     raise ValueError(f'group_coherence needs >= 2 filters per group; psi with shape '
                      f'{tuple(psi.shape)} and num_groups={num_groups} gives {group_size}.')
-  if reduction not in REDUCTIONS:
-    raise ValueError(f'reduction must be one of {REDUCTIONS}; got {reduction!r}.')
-  if pairs not in PAIRS:
-    raise ValueError(f'pairs must be one of {PAIRS}; got {pairs!r}.')
+  for name, value, choices in (('reduction', reduction, REDUCTIONS), ('pairs', pairs, PAIRS)):
+    if value not in choices:
+      raise ValueError(f'{name} must be one of {choices}; got {value!r}.')
   x = jnp.asarray(psi).astype(_compute_dtype(psi)).reshape(batch, height * width, channels)
 
   if pairs == 'exact':
@@ -306,15 +277,13 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
                        f"got num_pairs={num_pairs!r}, pair_indices "
                        f"{'given' if pair_indices is not None else 'None'}, pair_sums "
                        f"{'given' if pair_sums is not None else 'None'} with pairs='exact'.")
-    shifts, pair_indices, weights = _exact_pairs(group_size)
-    pair_l1 = _shifted_pair_l1(_grouped_maps(x, num_groups), shifts)
+    pair_indices, weights, pair_l1 = _all_pairs_l1(x, num_groups)
   else:
     if pair_indices is None:
       if key is None:
         raise ValueError("pairs='sampled' needs a PRNG key (or pair_indices); got key=None.")
       num_pairs = 3 * group_size if num_pairs is None else num_pairs
-      _check_positive_int(num_pairs, 'num_pairs')
-      pair_indices = sample_pairs(key, group_size, num_pairs)
+      pair_indices = sample_pairs(key, group_size, num_pairs)  # which checks num_pairs
     elif key is not None or num_pairs is not None:
       raise ValueError('pass either pair_indices or key/num_pairs, not both.')
     else:
@@ -323,8 +292,7 @@ def group_coherence(psi: Array, num_groups: int, *, pairs: str = 'exact',
     weights = jnp.full(pair_indices.shape[0], 1.0 / pair_indices.shape[0])
     pair_l1 = (pair_sums or pair_l1_sums)(x, pair_indices, num_groups=num_groups)
 
-  # Per-channel L1 of all of ψ, then the grouped channels (summing the grouped slice
-  # makes XLA copy it out of ψ first).
+  # L1 of every channel, then the grouped ones (summing the grouped slice makes XLA copy it).
   filter_l1 = jnp.sum(jnp.abs(x), axis=1)[:, :num_groups * group_size].reshape(
       batch, num_groups, group_size)  # [B, G, f]
   first_l1 = jnp.take(filter_l1, pair_indices[:, 0], axis=2)  # [B, G, r]
@@ -348,74 +316,71 @@ def spatial_concentration_maps(psi: Array, eps: float = 1e-4) -> Array:
   mass = jnp.sum(psi, axis=(1, 2)) + eps  # [B, C]
   centre_row = _safe_divide(jnp.sum(rows * psi, axis=(1, 2)), mass)  # 0 for an empty map
   centre_col = _safe_divide(jnp.sum(cols * psi, axis=(1, 2)), mass)
-  distance = _safe_sqrt(jnp.square(rows - centre_row[:, None, None, :])
+  distance = _safe_root(jnp.square(rows - centre_row[:, None, None, :])
                         + jnp.square(cols - centre_col[:, None, None, :]))
   return _safe_divide(jnp.sum(psi * distance, axis=(1, 2)), mass)
 
 
 def spatial_concentration(psi: Array, *, eps: float = 1e-4,
                           per_map: Optional[PerMap] = None) -> Array:
-  """Spatial concentration L_s: mean distance of each mask's mass from its centre.
+  """Spatial concentration L_s, a scalar: mean distance of each mask's mass from its centre.
 
   For each image b and channel c, with j = (y, x) the integer feature-map positions:
 
       c   = Σ_j j·ψ_j / (Σ_j ψ_j + eps)
       L_s = Σ_j ψ_j·‖j − c‖₂ / (Σ_j ψ_j + eps)
 
-  averaged over all B·C maps (free channels included). Paper and authors' code agree. The
-  square root is safe at 0 and an empty map counts 0 (also with eps = 0). Under a named
-  batch axis, ``lax.pmean`` of the result is the global-batch value.
+  averaged over all B·C maps (free channels included), in the compute dtype. Paper and authors'
+  code agree. The square root is safe at 0 and an empty map counts 0 (also with eps = 0). Under a
+  named batch axis, ``lax.pmean`` of the result is the global-batch value.
 
   Args:
     psi: ``[B, H, W, C]`` soft masks.
     eps: added to the mask mass.
-    per_map: a function ``(psi, eps) -> [B, C]`` computing the per-map L_s of ψ in the
-      compute dtype, differentiable in ψ (at least in reverse mode). None:
-      `spatial_concentration_maps`.
-
-  Returns:
-    A scalar in the compute dtype.
+    per_map: a function ``(psi, eps) -> [B, C]`` computing the per-map L_s of ψ in the compute
+      dtype, differentiable in ψ (at least in reverse mode). None: `spatial_concentration_maps`.
   """
-  _check_rank(psi, 'psi', 4, '[B, H, W, C]')
+  _check_rank(psi, 'psi')
   x = jnp.asarray(psi).astype(_compute_dtype(psi))
   return jnp.mean((per_map or spatial_concentration_maps)(x, eps))
 
 
-def _kernel_group_norms(kernel: Array, num_groups: int, p: float) -> Array:
-  """Safe p-norm of each output-filter group of kernel[..., C_out] → [G]."""
+def _kernel_matrix(kernel: Array) -> Array:
+  """A conv kernel ``[..., C_in, C_out]`` as ``[fan_in, C_out]`` in the compute dtype."""
   if jnp.ndim(kernel) < 2:
     raise ValueError('kernel must have rank >= 2 [..., C_in, C_out] (Flax conv: '
                      f'[kh, kw, C_in, C_out]); got shape {tuple(jnp.shape(kernel))}.')
-  channels = kernel.shape[-1]
-  group_size = _group_size(channels, num_groups, name='kernel', shape=kernel.shape)
-  w = jnp.asarray(kernel).astype(_compute_dtype(kernel)).reshape(-1, channels)
-  # Per output channel first (over the kernel's leading axis, in its own layout), then
-  # over each group: one reduction over [fan_in, G, f] makes GPU backends transpose.
+  return jnp.asarray(kernel).astype(_compute_dtype(kernel)).reshape(-1, kernel.shape[-1])
+
+
+def _kernel_group_norms(kernel: Array, num_groups: int, p: float) -> Array:
+  """Safe p-norm of each output-filter group of kernel[..., C_out] → [G]."""
+  w = _kernel_matrix(kernel)
+  group_size = _group_size(w.shape[1], num_groups, name='kernel', shape=kernel.shape)
+  # Per output channel first (over the kernel's leading axis, in its own layout), then over
+  # each group: one reduction over [fan_in, G, f] makes GPU backends transpose.
   per_channel = _norm_accumulate(_norm_powers(w, p), p, axis=0)  # [C_out]
   grouped = per_channel[:num_groups * group_size].reshape(num_groups, group_size)
-  return _norm_root(_norm_accumulate(grouped, p, axis=1), p)
+  return _safe_root(_norm_accumulate(grouped, p, axis=1), p)
 
 
 def block_norm(kernel: Array, num_groups: int, *, p: float = 2, q: float = 1) -> Array:
   """Group-sparsity block norm R = ‖(‖W_1‖_p, …, ‖W_G‖_p)‖_q over output-filter groups (R_bn).
 
-  W_g = W[..., g·f:(g+1)·f] with entry-wise p-norms, free filters excluded. The default
-  p = 2, q = 1 is the paper's and code's ℓ_{2,1}: R = Σ_g ‖W_g‖_F. A dead group
-  contributes 0 with zero (not NaN) gradient.
+  W_g = W[..., g·f:(g+1)·f] with entry-wise p-norms, free filters excluded. The default p = 2,
+  q = 1 is the paper's and code's ℓ_{2,1}: R = Σ_g ‖W_g‖_F. A dead group contributes 0 with
+  zero (not NaN) gradient. Returns a scalar in the compute dtype.
 
   Args:
     kernel: ``[kh, kw, C_in, C_out]`` (any ``[..., C_out]``).
     num_groups: G, 1 <= G <= C_out.
     p, q: inner and outer norm orders, >= 1 or inf.
-
-  Returns:
-    A scalar in the compute dtype.
   """
   for name, value in (('p', p), ('q', q)):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1:
       raise ValueError(f'{name} must be a real number >= 1 (or inf); got {value!r}.')
   group_norms = _kernel_group_norms(kernel, num_groups, p)
-  return _norm_root(_norm_accumulate(_norm_powers(group_norms, q), q, 0), q)
+  return _safe_root(_norm_accumulate(_norm_powers(group_norms, q), q, 0), q)
 
 
 def group_relevance(kernel: Array, num_groups: int) -> Array:
@@ -429,10 +394,6 @@ def orthogonality(kernel: Array) -> Array:
   Pushes the output filters towards an orthonormal set; safe square root at 0. Returns a
   scalar in the compute dtype.
   """
-  if jnp.ndim(kernel) < 2:
-    raise ValueError('kernel must have rank >= 2 [..., C_in, C_out] (Flax conv: '
-                     f'[kh, kw, C_in, C_out]); got shape {tuple(jnp.shape(kernel))}.')
-  dtype = _compute_dtype(kernel)
-  w = jnp.asarray(kernel).astype(dtype).reshape(-1, kernel.shape[-1]).T
+  w = _kernel_matrix(kernel).T
   gram = jnp.matmul(w, w.T, precision=lax.Precision.HIGHEST)
-  return _safe_sqrt(jnp.sum(jnp.square(gram - jnp.eye(w.shape[0], dtype=dtype))))
+  return _safe_root(jnp.sum(jnp.square(gram - jnp.eye(w.shape[0], dtype=w.dtype))))
