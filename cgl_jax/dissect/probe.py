@@ -183,7 +183,7 @@ def _merge_top_images_of_layers(top, activations, rows, valid, *, k):
 
 
 @functools.lru_cache(maxsize=32)
-def _tally_step(*, images_per_step: tuple[tuple[str, int], ...]) -> Callable:
+def _tally_step(*, images_per_step: tuple[tuple[str, int], ...], upsampling: str) -> Callable:
   """jit(activations, valid, thresholds, pixel, image, category_onehot) → {layer: counts}.
 
   All layers' `tally.tally_batch` in one executable (`images_per_step`: (layer, steps) pairs).
@@ -193,7 +193,8 @@ def _tally_step(*, images_per_step: tuple[tuple[str, int], ...]) -> Callable:
   def step(activations, valid, thresholds, pixel_labels, image_labels, category_onehot):
     return {name: tally_lib.tally_batch(
         activations[name], thresholds[name], pixel_labels, image_labels, valid,
-        category_onehot=category_onehot, images_per_step=steps[name]) for name in steps}
+        category_onehot=category_onehot, images_per_step=steps[name], upsampling=upsampling)
+        for name in steps}
 
   return jax.jit(step)
 
@@ -202,7 +203,7 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
                    mean: Sequence[float], std: Sequence[float], quantile: float,
                    batch_size: int, image_size: int, top_images: int = 10,
                    exact_quantile: bool = True, categories: Sequence[str] | None = None,
-                   show_progress: bool = True,
+                   upsampling: str = 'bilinear', show_progress: bool = True,
                    timings: dict[str, float] | None = None) -> dict[str, LayerDissection]:
   """Thresholds, IoU counts and top images of `layers` on probe set `data`.
 
@@ -217,6 +218,8 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
     top_images: images kept per unit for visualisation.
     exact_quantile: exact thresholds (two streaming passes) or one pass within 2^-8 relative.
     categories: the concept categories to tally (default: all of `data`).
+    upsampling: 'bilinear' | 'nearest' | 'bicubic', PIL's filter for resizing maps to the
+      segmentation size (`tally.upsample`).
     show_progress: progress bars on stderr.
     timings: if given, receives each pass's wall seconds ('pass 1 (thresholds)', …), waited
       for before the clock stops (for benchmarks).
@@ -226,6 +229,9 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   """
   if len(data) == 0:
     raise ValueError(f'probe set {data.directory} has no images')
+  if upsampling not in tally_lib.UPSAMPLING:
+    raise ValueError(f'config.dissect.upsampling must be one of {tally_lib.UPSAMPLING}; '
+                     f'got {upsampling!r}')
   categories = tuple(data.categories if categories is None else categories)
   forward = make_forward(model, layers=layers, mean=mean, std=std)
   probe_shape = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
@@ -283,7 +289,7 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   step = _tally_step(images_per_step=tuple(
       (name, tally_lib.images_per_step(batch_size=batch_size, pixels=seg_h * seg_w,
                                        num_units=num_units[name], num_labels=data.num_labels))
-      for name in layers))
+      for name in layers), upsampling=upsampling)
   totals = {name: tally_lib.TallyCounts.zeros(
       num_units=num_units[name], num_labels=data.num_labels, num_categories=len(categories))
       for name in layers}
