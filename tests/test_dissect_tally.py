@@ -184,6 +184,30 @@ def test_tally_equals_hand_computed_counts_and_iou(tmp_path):
   assert summary['unique_detectors_per_category'] == {'colour': 1, 'scene': 0}
 
 
+def test_units_without_a_match_are_labelled_as_the_reference_does():
+  """NetDissect-Lite takes, per category, the argmax over ALL label ids of the IoUs masked to
+  the category (label 0 when they are all 0), and the unit's category as the first of a reversed
+  ascending sort (the LAST of tied categories). A unit that matches nothing: label 0 (named ''),
+  score 0, the last category."""
+  primary = np.array([-1, 0, 0, 1, 1, 2])
+  iou = np.array([[0, 0.0, 0.0, 0.0, 0.0, 0.0],   # matches nothing
+                  [0, 0.2, 0.3, 0.0, 0.0, 0.0],   # colour only
+                  [0, 0.1, 0.0, 0.1, 0.1, 0.1]])  # a tie across all three categories
+  concepts = tally.unit_concepts(iou, primary, 3)
+  np.testing.assert_array_equal(concepts.category_label, [[0, 0, 0], [2, 0, 0], [1, 3, 5]])
+  np.testing.assert_array_equal(concepts.label, [0, 2, 5])
+  np.testing.assert_array_equal(concepts.category, [2, 0, 2])
+  np.testing.assert_array_equal(concepts.score, [0, 0.3, 0.1])
+  # The reference's own expressions (feature_operation.py, FeatureOperator.tally):
+  reference_primary = np.where(primary < 0, 2, primary)  # label 0's primary: the last category
+  pciou = np.array([iou * (reference_primary == ci)[None, :] for ci in range(3)])
+  label_pciou = pciou.argmax(axis=2)
+  score_pciou = pciou[np.arange(3)[:, None], np.arange(3)[None, :], label_pciou]
+  bestcat = score_pciou.argsort(axis=0)[::-1][0]
+  np.testing.assert_array_equal(label_pciou.T, concepts.category_label)
+  np.testing.assert_array_equal(bestcat, concepts.category)
+
+
 def test_tally_matches_numpy_reference_with_upsampling_layers_and_padding():
   """Random labels in 3 categories, 2 pixel layers, image-level ids, ×2 bilinear upsampling of
   integer maps (exact in float32, so both implementations see identical masks)."""

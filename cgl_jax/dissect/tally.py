@@ -275,7 +275,8 @@ def iou(counts: TallyCounts, primary_category: np.ndarray) -> np.ndarray:
 class UnitConcepts:
   """Per unit: best concept per category and overall.
 
-  category_label: int [C, G] best label id per category (0 if the category has no labels).
+  category_label: int [C, G] best label id per category; 0 (no label) where every label of the
+    category has IoU 0, or the category has no labels.
   category_iou: float [C, G] its IoU.
   label: int [C] the unit's label (the category-best with the highest IoU).
   category: int [C] index of that label's category.
@@ -293,7 +294,14 @@ class UnitConcepts:
 
 def unit_concepts(iou_matrix: np.ndarray, primary_category: np.ndarray,
                   num_categories: int) -> UnitConcepts:
-  """Each unit's best concept per category and its label (the reference's argmax rule)."""
+  """Each unit's best concept per category and its label, by NetDissect-Lite's rules.
+
+  Per category the label of highest IoU (ties: the smaller id), or label 0 when all of them
+  are 0 — the reference's argmax over all label ids then lands on id 0. The unit's label is the
+  category-best of highest IoU; among tied categories the LAST one (the reference takes the
+  first of a reversed ascending sort). So a unit that matches nothing gets label 0, score 0 and
+  the last category, as in the reference's tally.csv.
+  """
   primary_category = np.asarray(primary_category)
   num_units = iou_matrix.shape[0]
   category_label = np.zeros((num_units, num_categories), np.int64)
@@ -302,9 +310,9 @@ def unit_concepts(iou_matrix: np.ndarray, primary_category: np.ndarray,
     members = np.flatnonzero(primary_category == g)
     if members.size:
       best = np.argmax(iou_matrix[:, members], axis=1)
-      category_label[:, g] = members[best]
       category_iou[:, g] = iou_matrix[np.arange(num_units), members[best]]
-  category = np.argmax(category_iou, axis=1)
+      category_label[:, g] = np.where(category_iou[:, g] > 0, members[best], 0)
+  category = num_categories - 1 - np.argmax(category_iou[:, ::-1], axis=1)
   units = np.arange(num_units)
   return UnitConcepts(category_label, category_iou, category_label[units, category], category,
                       category_iou[units, category])
