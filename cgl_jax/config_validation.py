@@ -71,6 +71,13 @@ def validate_config(config: ml_collections.ConfigDict, *, conv_layers: Sequence,
         raise ConfigError(f'config.{key}: unknown layer {layer!r} for model {model_name!r}; '
                           f'available: {", ".join(names)}')
 
+  if config.dissect.enabled:
+    from cgl_jax.dissect import measurement  # pylint: disable=g-import-not-at-top  (jax)
+    try:
+      measurement.resolve(config.dissect)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+
   if (config.cgl.lambda_g > 0 or config.cgl.lambda_s > 0) and not config.cgl.layers:
     raise ConfigError('config.cgl.layers is empty, but lambda_g or lambda_s is > 0: name the '
                       f'layers that get L_g and L_s (available: {", ".join(names)})')

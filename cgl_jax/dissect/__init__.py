@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from cgl_jax.data import broden as broden_lib
+from cgl_jax.dissect import measurement as measurement_lib
 from cgl_jax.dissect import probe
 from cgl_jax.dissect import report
 from cgl_jax.dissect import tally as tally_lib
@@ -37,8 +38,9 @@ __all__ = ['dissect', 'probe_directory', 'run']
 
 
 def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The Broden directory to probe: `config.dissect.broden_dir`, or the shapes validation split
-  exported once (cached next to the data, or under workdir/dissect when data_dir is None)."""
+  """The Broden directory to probe: `config.dissect.broden_dir`, or the shapes images of the
+  measurement's probe split and image format (`measurement.resolve`), exported once (cached next
+  to the data, or under workdir/dissect when data_dir is None)."""
   if config.dissect.broden_dir:
     return config.dissect.broden_dir
   name = config.dataset.name
@@ -54,12 +56,15 @@ def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError(f'config.dataset.name {name!r}: unknown cgl_shapes config '
                      f'{builder_name!r}; known: {sorted(builtin)}')
   kwargs = builtin[builder_name].generator_kwargs()
+  chosen = measurement_lib.resolve(config.dissect)
   root = config.dataset.data_dir or os.path.join(workdir, 'dissect')
   key = '_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))
-  directory = os.path.join(root, 'broden', f'cgl_shapes_validation_{key}')
+  suffix = '' if chosen['image_format'] == 'png' else f'_jpeg{broden_lib.JPEG_QUALITY}'
+  directory = os.path.join(root, 'broden', f'cgl_shapes_{chosen["probe_split"]}_{key}{suffix}')
   if not os.path.isdir(directory):
     try:
-      shapes.export_broden(directory, split='validation', **kwargs)
+      shapes.export_broden(directory, split=chosen['probe_split'],
+                           image_format=chosen['image_format'], **kwargs)
     except FileExistsError:  # another process exported it meanwhile (the write is atomic)
       pass
   return directory
@@ -70,17 +75,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
   from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax)
   from cgl_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (tensorflow)
   model, variables, step = checkpoints.restore_model(config, workdir, step=step)
-  data = broden_lib.Broden(probe_directory(config, workdir))
+  chosen = measurement_lib.resolve(config.dissect)
+  data = broden_lib.Broden(probe_directory(config, workdir), categories=chosen['categories'])
   mean, std = input_pipeline.normalization(config.dataset)
   settings = config.dissect
   return dissect(
       model, variables, data, outdir=os.path.join(workdir, 'dissect', f'step_{step}'),
       step=step, layers=tuple(settings.layers), mean=mean, std=std,
-      quantile=settings.quantile, iou_thresholds=tuple(settings.iou_thresholds),
+      quantile=settings.quantile, iou_thresholds=tuple(chosen['iou_thresholds']),
       batch_size=settings.batch_size,
       image_size=settings.image_size or config.dataset.image_size,
       top_images=settings.top_images, num_groups=config.cgl.num_groups,
-      exact_quantile=settings.get('exact_quantile', True))
+      exact_quantile=settings.get('exact_quantile', True), upsampling=chosen['upsampling'],
+      measurement=chosen)
 
 
 def _check_settings(*, layers, iou_thresholds, batch_size, top_images, image_size):
@@ -99,12 +106,15 @@ def dissect(model, variables, data: broden_lib.Broden, *, outdir: str, step: int
             layers: Sequence[str], mean, std, quantile: float = 0.005,
             iou_thresholds: Sequence[float] = (0.04,), batch_size: int = 64,
             image_size: int = 64, top_images: int = 10, num_groups: int | None = None,
-            exact_quantile: bool = True, show_progress: bool = True) -> str:
+            exact_quantile: bool = True, upsampling: str = 'bilinear',
+            measurement: dict | None = None, show_progress: bool = True) -> str:
   """Dissects `layers` of a model on `data` and writes the outputs to `outdir` (replaced).
 
   The first IoU threshold defines detectors (bar graph, concept groups, HTML highlighting);
   statistics are reported at all of them. `num_groups` (config.cgl.num_groups) sets the concept
-  groups; None skips them. Returns `outdir`.
+  groups; None skips them. `upsampling`: PIL's filter for the maps ('bilinear' | 'nearest' |
+  'bicubic'). summary.json records the measurement: `measurement` (`measurement.resolve`'s
+  dict) with the values used here. Returns `outdir`.
   """
   _check_settings(layers=layers, iou_thresholds=iou_thresholds, batch_size=batch_size,
                   top_images=top_images, image_size=image_size)
@@ -115,7 +125,7 @@ def dissect(model, variables, data: broden_lib.Broden, *, outdir: str, step: int
   results = probe.dissect_layers(
       model, variables, data, layers=layers, mean=mean, std=std, quantile=quantile,
       batch_size=batch_size, image_size=image_size, top_images=top_images,
-      exact_quantile=exact_quantile, show_progress=show_progress)
+      exact_quantile=exact_quantile, upsampling=upsampling, show_progress=show_progress)
   categories = data.categories
   label_names = data.label_names()
   primary = data.primary_category_index(categories)
@@ -172,6 +182,8 @@ def dissect(model, variables, data: broden_lib.Broden, *, outdir: str, step: int
     step_summary = {
         'step': step, 'probe_set': data.directory, 'num_images': len(data),
         'categories': list(categories), 'quantile': quantile, 'exact_quantile': exact_quantile,
+        'measurement': {**(measurement or {}), 'upsampling': upsampling,
+                        'iou_thresholds': list(iou_thresholds), 'categories': list(categories)},
         'iou_thresholds': list(iou_thresholds), 'layers': layer_summaries,
         'rud': [rud(layer_summaries, threshold_index=i, layers=layers)
                 for i in range(len(iou_thresholds))],
