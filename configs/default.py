@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_classes = 2
   config.dataset.image_size = 64
   config.dataset.augment = 'random_resized_crop'  # | 'pad_crop' | 'none'
+  # Eval transform: None = the augmentation's ('center' for random_resized_crop: Resize(S·256/224)
+  # + CenterCrop(S); else the whole image), 'center' | 'none' (whole image resized to S).
+  config.dataset.eval_crop = ml_collections.FieldReference(None, field_type=str)
+  config.dataset.pad_value = (0.0, 0.0, 0.0)  # pad_crop's border, RGB on the 0–255 scale
   config.dataset.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   config.dataset.std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
   config.dataset.shuffle_buffer = 10_000
