@@ -12,12 +12,15 @@ step's orbax metrics). Orbax writes each step into `<step>.orbax-checkpoint-tmp�
 only when every file is written, so a process killed mid-save leaves a tmp dir that
 `available_steps` never lists (and the next trainer deletes); restore never sees half a step.
 
-This module must not import the trainer (dissection imports it).
+`save` and `restore` are the only code that knows this layout; they take the trainer's state by
+its fields (`TrainStateFields`), because this module must not import the trainer (dissection
+imports it).
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +39,18 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
-def create_model(config: ml_collections.ConfigDict):
-  """`models.create(config.model.name, num_classes=…, dtype=…, **config.model.kwargs)`."""
-  kwargs = dict(config.model.kwargs.to_dict()) if config.model.get('kwargs') else {}
-  return models.create(config.model.name, num_classes=config.dataset.num_classes,
-                       dtype=jnp.dtype(config.model.dtype), **kwargs)
+class TrainStateFields(Protocol):
+  """What `save` and `restore` need of a train state (e.g. `cgl_jax.train.TrainState`)."""
+  step: Any  # int scalar: completed train steps
+  params: Any
+  batch_stats: Any
+  cgl: Any
+  opt_state: Any
+
+  def replace(self, **updates: Any) -> TrainStateFields: ...
+
+
+_State = TypeVar('_State', bound=TrainStateFields)
 
 
 def _top1(metrics: dict[str, float]) -> float:
@@ -77,6 +87,46 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, read_only
       # A killed save leaves `<step>.orbax-checkpoint-tmp*`; the next writer removes it.
       cleanup_tmp_directories=not read_only, enable_async_checkpointing=asynchronous)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def _items(state: TrainStateFields) -> dict[str, dict[str, Any]]:
+  """`state` split into the checkpoint's items."""
+  return {MODEL_ITEM: {'params': state.params, 'batch_stats': state.batch_stats},
+          TRAIN_ITEM: {'step': state.step, 'opt_state': state.opt_state, 'cgl': state.cgl}}
+
+
+def save(manager: ocp.CheckpointManager, state: TrainStateFields, *,
+         eval_metrics: Mapping[str, float] | None = None) -> None:
+  """Writes `state` as checkpoint step `int(state.step)` (in the background if `manager` is
+  asynchronous).
+
+  Args:
+    manager: from `create_manager`.
+    state: the train state to save.
+    eval_metrics: this step's validation metrics; their 'top1' ranks the step for `keep_best`.
+      None: the step is kept only while it is among the newest.
+  """
+  orbax_metrics = None
+  if eval_metrics is not None:
+    orbax_metrics = {BEST_METRIC: float(eval_metrics['top1'])}
+  items = {name: ocp.args.StandardSave(item) for name, item in _items(state).items()}
+  manager.save(int(state.step), metrics=orbax_metrics, args=ocp.args.Composite(**items))
+
+
+def restore(manager: ocp.CheckpointManager, state_template: _State, step: int) -> _State:
+  """`state_template` with every field read from checkpoint `step`.
+
+  The template fixes the structure, shapes, dtypes and shardings of what is read (e.g. a freshly
+  initialised state placed on the mesh), so the restored state is laid out exactly like it.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _items(state_template))
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      name: ocp.args.StandardRestore(item) for name, item in abstract.items()}))
+  model_item, train_item = restored[MODEL_ITEM], restored[TRAIN_ITEM]
+  return state_template.replace(
+      step=train_item['step'], params=model_item['params'],
+      batch_stats=model_item['batch_stats'], cgl=train_item['cgl'],
+      opt_state=train_item['opt_state'])
 
 
 def available_steps(workdir: str) -> list[int]:
@@ -122,7 +172,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int 
   Raises:
     FileNotFoundError: no finalised checkpoint (or not `step`) in `workdir/checkpoints`.
   """
-  model = create_model(config)
+  model = models.from_config(config)
   steps = available_steps(workdir)
   if not steps:
     raise FileNotFoundError(f'no finalised checkpoint in {checkpoint_dir(workdir)}; '

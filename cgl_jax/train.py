@@ -44,7 +44,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -161,6 +160,19 @@ def create_train_state(model, tx: optax.GradientTransformation, *, key: jax.Arra
 # Metrics.
 
 
+@flax.struct.dataclass
+class Top5Accuracy(metrics.Average):
+  """Fraction of examples whose label is among the 5 largest logits (like `metrics.Accuracy`,
+  from the model outputs `logits` [B, K] and int `labels` [B], optional `mask` [B])."""
+
+  @classmethod
+  def from_model_output(cls, *, logits: jax.Array, labels: jax.Array,
+                        **kwargs) -> Top5Accuracy:
+    top5 = jax.lax.top_k(logits, 5)[1]
+    correct = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
+    return super().from_model_output(values=correct, **kwargs)
+
+
 def create_metrics_collection(names: tuple[str, ...], *, num_classes: int,
                               last_values: tuple[str, ...] = ()) -> type[metrics.Collection]:
   """A clu Collection: Average of each scalar in `names`, top-1, top-5 (when K >= 5), and the
@@ -168,16 +180,10 @@ def create_metrics_collection(names: tuple[str, ...], *, num_classes: int,
   fields = {name: metrics.Average.from_output(name) for name in names}
   fields['top1'] = metrics.Accuracy
   if num_classes >= 5:
-    fields['top5'] = metrics.Average.from_output('top5_correct')
+    fields['top5'] = Top5Accuracy
   for name in last_values:
     fields[name] = metrics.LastValue.from_output(name)
   return metrics.Collection.create(**fields)
-
-
-def _top5_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """1.0 per example whose label is among the 5 largest logits, [B]."""
-  top5 = jax.lax.top_k(logits, 5)[1]
-  return jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +229,6 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model, 
   # Learned P1, P2 (if any) are logged as they are after this step.
   outputs = dict(terms, **trainable['cgl'], logits=logits, labels=batch['label'],
                  learning_rate=learning_rate(state.step))
-  if logits.shape[-1] >= 5:
-    outputs['top5_correct'] = _top5_correct(logits, batch['label'])
   return new_state, metrics_cls.single_from_model_output(**outputs), terms
 
 
@@ -234,8 +238,6 @@ def eval_step(state: TrainState, batch: Batch, *, model,
   logits = model.apply(state.variables(), batch['image'], train=False)
   outputs = dict(logits=logits, labels=batch['label'], mask=batch['mask'],
                  ce=optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']))
-  if logits.shape[-1] >= 5:
-    outputs['top5_correct'] = _top5_correct(logits, batch['label'])
   return metrics_cls.single_from_model_output(**outputs)
 
 
@@ -303,32 +305,6 @@ def _every(value: int, steps_per_epoch: int) -> int:
   return steps_per_epoch if value <= 0 else int(value)
 
 
-def _save(manager: ocp.CheckpointManager, state: TrainState, *,
-          eval_metrics: Mapping[str, float] | None) -> None:
-  model_item = {'params': state.params, 'batch_stats': state.batch_stats}
-  train_item = {'step': state.step, 'opt_state': state.opt_state, 'cgl': state.cgl}
-  orbax_metrics = None
-  if eval_metrics is not None:
-    orbax_metrics = {checkpoints.BEST_METRIC: float(eval_metrics['top1'])}
-  manager.save(int(state.step), metrics=orbax_metrics, args=ocp.args.Composite(**{
-      checkpoints.MODEL_ITEM: ocp.args.StandardSave(model_item),
-      checkpoints.TRAIN_ITEM: ocp.args.StandardSave(train_item)}))
-
-
-def _restore(manager: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
-  """`state` (a template with the right shardings) filled from checkpoint `step`."""
-  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-  model_item = abstract({'params': state.params, 'batch_stats': state.batch_stats})
-  train_item = abstract({'step': state.step, 'opt_state': state.opt_state, 'cgl': state.cgl})
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      checkpoints.MODEL_ITEM: ocp.args.StandardRestore(model_item),
-      checkpoints.TRAIN_ITEM: ocp.args.StandardRestore(train_item)}))
-  model_item, train_item = restored[checkpoints.MODEL_ITEM], restored[checkpoints.TRAIN_ITEM]
-  return state.replace(step=train_item['step'], params=model_item['params'],
-                       batch_stats=model_item['batch_stats'], cgl=train_item['cgl'],
-                       opt_state=train_item['opt_state'])
-
-
 def evaluate(state: TrainState, *, eval_step_fn, config: ml_collections.ConfigDict,
              data_sharding: NamedSharding) -> dict[str, float]:
   """Metrics over the eval split (or its first `config.steps_per_eval` batches)."""
@@ -357,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   and `NonFiniteLossError` when a loss term becomes NaN/inf.
   """
   workdir = os.path.abspath(workdir)
-  model = checkpoints.create_model(config)
+  model = models.from_config(config)
   conv_layers = model.conv_layers()
   validate_config(config, conv_layers=conv_layers, device_count=jax.device_count(),
                   process_count=jax.process_count())
@@ -390,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
                                        asynchronous=config.async_checkpoints)
   if manager.latest_step() is not None:
-    state = _restore(manager, state, manager.latest_step())
+    state = checkpoints.restore(manager, state, manager.latest_step())
     logging.info('Resuming from checkpoint step %d in %s', manager.latest_step(),
                  checkpoints.checkpoint_dir(workdir))
   initial_step = int(state.step)
@@ -452,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if step % checkpoint_every == 0 or is_last:
           check_unchecked()
           with report_progress.timed('checkpoint'):
-            _save(manager, state, eval_metrics=eval_metrics)
+            checkpoints.save(manager, state, eval_metrics=eval_metrics)
       check_unchecked()
   finally:
     # A save of an earlier (good) step may still be in flight: let it finalise.

@@ -11,10 +11,7 @@ ResNet-18 recipe (SGD 0.9, lr 0.1, warm-up + cosine, 200 epochs, batch 128; base
 convs of the last stage (512 filters, 4×4 maps), R_bn on every conv, G = 5, BN soft masks.
 No published numbers to compare with.
 """
-import os
-import runpy
-
-_default = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
+from cgl_jax import default_config
 
 _MEAN_STD = {
     'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
@@ -23,9 +20,9 @@ _MEAN_STD = {
 
 
 def get_config(variant: str = 'cgl'):
-  options = _default['parse_variant'](variant, {'regularizer': _default['REGULARIZERS'],
-                                                'data': ('cifar10', 'cifar100')})
-  config = _default['get_config']()
+  options = default_config.parse_variant(variant, {'regularizer': default_config.REGULARIZERS,
+                                                     'data': ('cifar10', 'cifar100')})
+  config = default_config.get_config()
   config.model.name = 'resnet18'
   config.model.kwargs.stem = 'cifar'
   config.dataset.name = options['data']
@@ -47,10 +44,10 @@ def get_config(variant: str = 'cgl'):
                        'layer4_block1_conv2')
   config.cgl.num_groups = 5
   config.cgl.bn_mask = 'paper'
-  _default['set_regularizer'](config, options['regularizer'],
-                              lambda_bn=_default['AUTHORS_LAMBDA_BN'],
-                              lambda_g=_default['DEFAULT_LAMBDA_G'],
-                              lambda_s=_default['DEFAULT_LAMBDA_S'])
+  default_config.set_regularizer(config, options['regularizer'],
+                                 lambda_bn=default_config.AUTHORS_LAMBDA_BN,
+                                 lambda_g=default_config.DEFAULT_LAMBDA_G,
+                                 lambda_s=default_config.DEFAULT_LAMBDA_S)
   if options['regularizer'] == 'baseline':
     config.optimizer.weight_decay = 5e-4
   config.log_every_steps = 100

@@ -9,15 +9,12 @@ Variants: cgl (default: L_g, L_s on conv4, conv5) | baseline | rbn. Data: tfds `
 Paper (Table 2, unique detectors conv1..conv5 summed, Broden, IoU ≥ 0.04): weight decay 136 →
 CGL 141.
 """
-import os
-import runpy
-
-_default = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
+from cgl_jax import default_config
 
 
 def get_config(variant: str = 'cgl'):
-  options = _default['parse_variant'](variant, {'regularizer': _default['REGULARIZERS']})
-  return _default['set_authors_recipe'](
-      _default['get_config'](), dataset='imagenet2012', num_classes=1000, model='alexnet',
+  options = default_config.parse_variant(variant, {'regularizer': default_config.REGULARIZERS})
+  return default_config.set_authors_recipe(
+      default_config.get_config(), dataset='imagenet2012', num_classes=1000, model='alexnet',
       cgl_layers=('conv4', 'conv5'), dissect_layers=('conv1', 'conv2', 'conv3', 'conv4', 'conv5'),
       dissect_image_size=227, regularizer=options['regularizer'])

@@ -9,16 +9,13 @@ Variants: cgl (default: L_g, L_s on conv5_2, conv5_3) | baseline | rbn. Data: tf
 Paper (Table 2, unique detectors in conv3_3, conv4_3, conv5_1, conv5_2, conv5_3 summed, Broden,
 IoU ≥ 0.04): weight decay 259 → CGL 266.
 """
-import os
-import runpy
-
-_default = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
+from cgl_jax import default_config
 
 
 def get_config(variant: str = 'cgl'):
-  options = _default['parse_variant'](variant, {'regularizer': _default['REGULARIZERS']})
-  return _default['set_authors_recipe'](
-      _default['get_config'](), dataset='imagenet2012', num_classes=1000, model='vgg16',
+  options = default_config.parse_variant(variant, {'regularizer': default_config.REGULARIZERS})
+  return default_config.set_authors_recipe(
+      default_config.get_config(), dataset='imagenet2012', num_classes=1000, model='vgg16',
       cgl_layers=('conv5_2', 'conv5_3'),
       dissect_layers=('conv3_3', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3'),
       dissect_image_size=224, regularizer=options['regularizer'])

@@ -15,15 +15,12 @@ Paper (Table 2, unique detectors, Broden, IoU ≥ 0.04), weight decay → CGL:
 conv1..conv5 6, 12, 22, 36, 54 (sum 130) → 8, 17, 35, 50, 75 (185); RUD 0.176 → 0.244;
 top-1 51.14 % → 50.46 %. Dissection probes at 227×227 as in the paper.
 """
-import os
-import runpy
-
-_default = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
+from cgl_jax import default_config
 
 
 def get_config(variant: str = 'cgl'):
-  options = _default['parse_variant'](variant, {'regularizer': _default['REGULARIZERS']})
-  return _default['set_authors_recipe'](
-      _default['get_config'](), dataset='places365_small', num_classes=365, model='alexnet',
+  options = default_config.parse_variant(variant, {'regularizer': default_config.REGULARIZERS})
+  return default_config.set_authors_recipe(
+      default_config.get_config(), dataset='places365_small', num_classes=365, model='alexnet',
       cgl_layers=('conv4', 'conv5'), dissect_layers=('conv1', 'conv2', 'conv3', 'conv4', 'conv5'),
       dissect_image_size=227, regularizer=options['regularizer'])

@@ -33,13 +33,10 @@ with --config.cgl.lambda_g=… etc.).
 Paper (Table 1, binary, unique detectors /15 at conv1, conv2): weight decay 7, 10; R_bn 9, 12;
 R_bn + L_g + L_s 11, 14.
 """
-import os
-import runpy
-
-_default = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
+from cgl_jax import default_config
 
 VARIANTS = {
-    'regularizer': _default['REGULARIZERS'],
+    'regularizer': default_config.REGULARIZERS,
     'size': ('small', 'paper'),
     'labels': ('binary', 'classes45'),
     'data': ('full', 'tiny'),
@@ -56,8 +53,8 @@ LAMBDA_BN, LAMBDA_G, LAMBDA_S = 1e-3, 1e-2, 1e-3
 
 
 def get_config(variant: str = 'cgl'):
-  options = _default['parse_variant'](variant, VARIANTS)
-  config = _default['get_config']()
+  options = default_config.parse_variant(variant, VARIANTS)
+  config = default_config.get_config()
   size = SIZES[options['size']]
   config.model.name = 'shapes_cnn'
   config.model.kwargs.widths = size['widths']
@@ -80,8 +77,8 @@ def get_config(variant: str = 'cgl'):
 
   config.cgl.layers = ('conv2',)  # method.md: L_g, L_s on conv2, R_bn on both convs
   config.cgl.num_groups = 5
-  _default['set_regularizer'](config, options['regularizer'], lambda_bn=LAMBDA_BN,
-                              lambda_g=LAMBDA_G, lambda_s=LAMBDA_S)
+  default_config.set_regularizer(config, options['regularizer'], lambda_bn=LAMBDA_BN,
+                                 lambda_g=LAMBDA_G, lambda_s=LAMBDA_S)
 
   config.log_every_steps = 100
   config.dissect.enabled = True

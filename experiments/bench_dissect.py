@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import resource
-import runpy
 import subprocess
 import sys
 import tempfile
@@ -89,9 +88,10 @@ def load_model(args):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cgl_jax import models  # pylint: disable=g-import-not-at-top
   if args.workdir:
-    from cgl_jax import checkpoints, input_pipeline  # pylint: disable=g-import-not-at-top
-    path, _, variant = (args.config or os.path.join(REPO_ROOT, 'configs', 'shapes.py')).partition(':')
-    config = runpy.run_path(path)['get_config'](*([variant] if variant else []))
+    # pylint: disable-next=g-import-not-at-top
+    from cgl_jax import checkpoints, default_config, input_pipeline
+    config = default_config.load_config_file(
+        args.config or os.path.join(REPO_ROOT, 'configs', 'shapes.py'))
     model, variables, _ = checkpoints.restore_model(config, args.workdir)
     mean, std = input_pipeline.normalization(config.dataset)
     return model, variables, tuple(mean), tuple(std)
@@ -114,12 +114,13 @@ def measure_ours(args, data, model, variables, mean, std):
   is the steady state a long dissection converges to (all executables cached)."""
   from cgl_jax.dissect import probe  # pylint: disable=g-import-not-at-top
   from cgl_jax.dissect import tally  # pylint: disable=g-import-not-at-top
-  layers = args.layers.split(',')
+  from cgl_jax.dissect.settings import DissectionSettings  # pylint: disable=g-import-not-at-top
+  settings = DissectionSettings(layers=tuple(args.layers.split(',')), mean=mean, std=std,
+                                quantile=args.quantile, batch_size=args.batch_size,
+                                image_size=64, top_images=10)
   passes = {}
-  run = lambda: probe.dissect_layers(
-      model, variables, data, layers=layers, mean=mean, std=std, quantile=args.quantile,
-      batch_size=args.batch_size, image_size=64, top_images=10, show_progress=False,
-      timings=passes)
+  run = lambda: probe.dissect_layers(model, variables, data, settings, show_progress=False,
+                                     timings=passes)
   start = time.perf_counter()
   run()
   cold = time.perf_counter() - start

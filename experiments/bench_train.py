@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import math
 import os
-import runpy
 import statistics
 import sys
 import time
@@ -65,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgl_jax import checkpoints, losses, regularize, train
+from cgl_jax import default_config, losses, models, regularize, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_losses import PAIR_SUMS, pair_sums  # pylint: disable=g-import-not-at-top
@@ -81,7 +80,7 @@ MODELS = {  # name → (config file, variant)
 
 def load_config(name: str, *, batch_size: int, dtype: str = 'float32'):
   path, variant = MODELS[name]
-  config = runpy.run_path(os.path.join(REPO, path))['get_config'](variant)
+  config = default_config.load_config_file(f'{os.path.join(REPO, path)}:{variant}')
   config.batch_size = batch_size
   config.model.dtype = dtype
   config.optimizer.weight_decay = 0.0  # both steps alike: only the objective differs
@@ -109,7 +108,7 @@ def cost_estimate(step, state, batch, key) -> dict:
 
 def build_step(config):
   """(jitted step, initial state, batch, key) for `config` on the default device."""
-  model = checkpoints.create_model(config)
+  model = models.from_config(config)
   learning_rate = train.create_learning_rate_schedule(config.optimizer, steps_per_epoch=1000,
                                                       num_train_steps=1000)
   tx = train.create_optimizer(config.optimizer, learning_rate=learning_rate, weight_decay=0.0)

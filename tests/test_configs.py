@@ -1,11 +1,11 @@
 """Every config file loads for every variant, validates against its model, and says what it says."""
 import itertools
 import os
-import runpy
 
 import pytest
+from ml_collections import config_flags
 
-from cgl_jax import checkpoints
+from cgl_jax import default_config, models
 from cgl_jax.config_validation import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +23,8 @@ CONFIG_VARIANTS = {
 
 
 def load(name: str, variant: str | None = None):
-  get_config = runpy.run_path(os.path.join(REPO, 'configs', name))['get_config']
-  return get_config() if variant is None else get_config(variant)
+  path = os.path.join(REPO, 'configs', name)
+  return default_config.load_config_file(path if variant is None else f'{path}:{variant}')
 
 
 def test_every_config_file_is_covered():
@@ -38,7 +38,7 @@ def test_every_config_file_is_covered():
     for tokens in itertools.product(*options)])
 def test_variant_validates_against_its_model(name, variant):
   config = load(name, variant)
-  layers = checkpoints.create_model(config).conv_layers()
+  layers = models.from_config(config).conv_layers()
   validate_config(config, conv_layers=layers, device_count=8)  # data-parallel ready
   row = variant.split(',')[0]
   lambdas = (config.cgl.lambda_bn, config.cgl.lambda_g, config.cgl.lambda_s, config.cgl.lambda_o)
@@ -101,6 +101,21 @@ def test_cifar_regularises_the_last_stage():
 def test_configs_load_from_any_working_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert load('shapes.py', 'baseline').optimizer.weight_decay == 1e-4
+  # As --config=… loads it: ml_collections' own parser of config files.
+  path = os.path.relpath(os.path.join(REPO, 'configs', 'shapes.py'), tmp_path)
+  parsed = config_flags.config_flags.ConfigFileFlagParser('config').parse(f'{path}:baseline')
+  assert parsed.to_dict() == load('shapes.py', 'baseline').to_dict()
+
+
+def test_default_config_file_is_the_package_default():
+  assert load('default.py').to_dict() == default_config.get_config().to_dict()
+
+
+def test_load_config_file_names_a_missing_file(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"config file 'configs/shapes.py' not found "
+                                              r'\(working directory .*\)'):
+    default_config.load_config_file('configs/shapes.py:cgl')
 
 
 @pytest.mark.parametrize('variant, message', [

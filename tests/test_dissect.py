@@ -7,7 +7,6 @@ thresholds). The probe images put R = 255 exactly on the 'red' concept and unifo
 import csv
 import json
 import os
-import runpy
 import subprocess
 
 import jax
@@ -17,12 +16,12 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
-from cgl_jax.data import broden
+from cgl_jax import default_config
 from cgl_jax import dissect as dissect_lib
-from cgl_jax.dissect import probe, reference, tally
+from cgl_jax.data import broden
+from cgl_jax.dissect import probe, reference, report, tally
 from cgl_jax.models import layers as model_layers
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUANTILE = 0.02
 NUM_IMAGES, SIZE = 8, 16
 CONCEPTS = [('red', 'colour'), ('green', 'colour'), ('square', 'shape'), ('disk', 'shape'),
@@ -71,16 +70,42 @@ def make_probe_set(directory):
                              image_labels={'scene': scene})
 
 
+SETTINGS = dissect_lib.DissectionSettings(
+    layers=('conv2', 'conv1'), mean=(0, 0, 0), std=(1, 1, 1), quantile=QUANTILE,
+    iou_thresholds=(0.04, 0.08), batch_size=3, image_size=SIZE, top_images=4, num_groups=3)
+
+
 @pytest.fixture(scope='module')
-def dissected(tmp_path_factory):
+def computed(tmp_path_factory):
   root = tmp_path_factory.mktemp('dissect')
   data = broden.Broden(make_probe_set(str(root / 'probe')))
-  outdir = dissect_lib.dissect(
-      MaskNet(), mask_net_variables(), data, outdir=str(root / 'out' / 'step_7'), step=7,
-      layers=('conv2', 'conv1'), mean=(0, 0, 0), std=(1, 1, 1), quantile=QUANTILE,
-      iou_thresholds=(0.04, 0.08), batch_size=3, image_size=SIZE, top_images=4, num_groups=3,
-      show_progress=False)
+  result = dissect_lib.compute(MaskNet(), mask_net_variables(), data, SETTINGS,
+                               show_progress=False)
+  return data, result, root
+
+
+@pytest.fixture(scope='module')
+def dissected(computed):
+  data, result, root = computed
+  outdir = dissect_lib.write_report(result, str(root / 'out' / 'step_7'), step=7, data=data)
   return data, outdir
+
+
+def test_compute_returns_the_numbers_without_writing_anything(computed):
+  data, result, root = computed
+  assert sorted(os.listdir(root)) == ['probe']
+  assert list(result.layers) == ['conv1', 'conv2']  # forward order
+  conv1 = result.layers['conv1']
+  np.testing.assert_array_equal(conv1.concepts.label[:1], [1])  # unit 0 = red (label id 1)
+  assert conv1.concepts.score[0] == pytest.approx(1.0, abs=1e-9)
+  assert [entry['iou_threshold'] for entry in conv1.detectors] == [0.04, 0.08]
+  assert conv1.detectors[0]['detectors_per_concept'] == {'red': 1}
+  assert conv1.top_images.shape == (3, 4) and conv1.top_maps.shape == (3, 4, SIZE, SIZE)
+  assert list(conv1.top_images[0, :2]) == [1, 5]  # the two images with the red square
+  assert [row['group'] for row in conv1.groups] == [1, 2, 3]
+  assert result.rud[0] == dissect_lib.ratio_of_unique_detectors(
+      list(result.layers.values()), threshold_index=0)
+  assert result.rud[0]['units'] == 6
 
 
 def _read_csv(path):
@@ -210,37 +235,55 @@ def test_html_report_renders_in_headless_chromium(dissected, tmp_path):
   assert pixels.std() > 10  # text, tables and graphs, not a blank page
 
 
-def test_rerun_replaces_the_step_folder_atomically(dissected, tmp_path):
-  data, outdir = dissected
+def test_failed_report_leaves_the_previous_step_folder(computed, tmp_path, monkeypatch):
+  data, result, _ = computed
   target = str(tmp_path / 'step_1')
   os.makedirs(target)
   open(os.path.join(target, 'stale.txt'), 'w').write('old')
-  with pytest.raises(ValueError, match=r"\['conv9'\] are not conv layers of MaskNet"):
-    dissect_lib.dissect(MaskNet(), mask_net_variables(), data, outdir=target, step=1,
-                        layers=('conv9',), mean=(0, 0, 0), std=(1, 1, 1), image_size=SIZE,
-                        show_progress=False)
+  written = []
+
+  def failing_save_png(path, array):
+    if len(written) == 2:
+      raise OSError('disk full')
+    written.append(path)
+    Image.fromarray(array).save(path)
+
+  monkeypatch.setattr(report, 'save_png', failing_save_png)
+  with pytest.raises(OSError, match='disk full'):
+    dissect_lib.write_report(result, target, step=1, data=data)
   assert os.listdir(target) == ['stale.txt'] and os.listdir(tmp_path) == ['step_1']
+  monkeypatch.undo()
+  dissect_lib.write_report(result, target, step=1, data=data)
+  assert 'stale.txt' not in os.listdir(target) and os.listdir(tmp_path) == ['step_1']
+  assert json.load(open(os.path.join(target, 'summary.json')))['step'] == 1
+
+
+def test_unknown_layer_is_named(computed):
+  data, _, _ = computed
+  settings = dissect_lib.DissectionSettings(layers=('conv9',), mean=(0, 0, 0), std=(1, 1, 1),
+                                            image_size=SIZE)
+  with pytest.raises(ValueError, match=r"\['conv9'\] are not conv layers of MaskNet"):
+    dissect_lib.compute(MaskNet(), mask_net_variables(), data, settings, show_progress=False)
 
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(iou_thresholds=()), 'iou_thresholds must be non-empty'),
+    (dict(iou_thresholds=(0.04, 1.5)), r'values in \(0, 1\]; got \(0.04, 1.5\)'),
     (dict(batch_size=0), 'config.dissect.batch_size must be a positive integer, got 0'),
+    (dict(top_images=2.5), 'config.dissect.top_images must be a positive integer, got 2.5'),
     (dict(layers=()), 'config.dissect.layers is empty'),
 ])
-def test_bad_settings_are_named(dissected, tmp_path, kwargs, message):
-  data, _ = dissected
-  arguments = dict(layers=('conv1',), mean=(0, 0, 0), std=(1, 1, 1), image_size=SIZE,
-                   show_progress=False) | kwargs
+def test_bad_settings_are_named(kwargs, message):
+  arguments = dict(layers=('conv1',), mean=(0, 0, 0), std=(1, 1, 1), image_size=SIZE) | kwargs
   with pytest.raises(ValueError, match=message):
-    dissect_lib.dissect(MaskNet(), mask_net_variables(), data, outdir=str(tmp_path / 'x'),
-                        step=0, **arguments)
+    dissect_lib.DissectionSettings(**arguments)
 
 
 def test_run_reads_the_config_and_restores_the_checkpoint(dissected, tmp_path, monkeypatch):
   """run(config, workdir) wiring: checkpoint restore, normalisation, Broden dir, step folder."""
   data, _ = dissected
   from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  config = runpy.run_path(os.path.join(REPO_ROOT, 'configs', 'default.py'))['get_config']()
+  config = default_config.get_config()
   config.dissect.broden_dir = data.directory
   config.dissect.layers = ('conv1',)
   config.dissect.quantile = QUANTILE

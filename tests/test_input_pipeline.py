@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cgl_jax import input_pipeline
-from configs import default
+from cgl_jax import default_config, input_pipeline
 
 NUM_MOCK = 10  # examples per split of the mocked cifar10
 
 
 def _config(**overrides):
-  config = default.get_config().dataset
+  config = default_config.get_config().dataset
   config.update(dict(name='cifar10', image_size=32, augment='none', shuffle_buffer=64,
                      # tfds.testing.mock_data reports every dataset as not prepared and makes
                      # download_and_prepare a no-op, so mocked runs must opt in to "download".
@@ -232,7 +231,7 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
 
 
 def test_normalization_returns_float32_on_the_0_255_scale():
-  mean, std = input_pipeline.normalization(default.get_config().dataset)
+  mean, std = input_pipeline.normalization(default_config.get_config().dataset)
   assert mean.dtype == std.dtype == np.float32
   np.testing.assert_allclose(mean, [123.675, 116.28, 103.53], rtol=1e-6)
   np.testing.assert_allclose(std, [58.395, 57.12, 57.375], rtol=1e-6)

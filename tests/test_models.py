@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgl_jax import models
+from cgl_jax import default_config, models, tree_util
 from cgl_jax.models import layers
 
 NUM_CLASSES = 7
@@ -57,12 +57,6 @@ CASES = {
     'resnet18_imagenet': Case('resnet18', dict(stem='imagenet', width_multiplier=0.125), 64,
                               _resnet_maps(32, (16, 8, 4, 2)), True),
 }
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def _eval_shapes(model, case, dtype=jnp.float32):
@@ -125,19 +119,20 @@ def test_conv_layers_match_params_and_sown_values(built):
   conv_layers = model.conv_layers()
   assert {layer.name for layer in conv_layers} == set(intermediates)
   params = variables['params']
+  param = lambda path: tree_util.lookup(params, path, what='params')
   for layer in conv_layers:
-    kernel = _get(params, layer.kernel_path)
+    kernel = param(layer.kernel_path)
     assert kernel.ndim == 4 and kernel.shape[0] == kernel.shape[1], layer
     assert kernel.shape[3] == layer.features == intermediates[layer.name].shape[-1], layer
     assert kernel.dtype == jnp.float32
     if case.batch_norm:
-      assert _get(params, layer.bn_scale_path).shape == (layer.features,), layer
+      assert param(layer.bn_scale_path).shape == (layer.features,), layer
     else:
       assert layer.bn_scale_path is None
   # Every conv kernel in the params is described (R_bn must reach all of them).
   kernel_paths = {tuple(k.key for k in path[:-1]) + ('kernel',)
                   for path, _ in jax.tree_util.tree_leaves_with_path(params)
-                  if path[-1].key == 'kernel' and _get(params, [k.key for k in path]).ndim == 4}
+                  if path[-1].key == 'kernel' and param([k.key for k in path]).ndim == 4}
   assert kernel_paths == {layer.kernel_path for layer in conv_layers}
 
 
@@ -275,3 +270,18 @@ def test_adaptive_avg_pool_uses_torch_windows(in_size, out_size, windows):
                    for h0, h1 in windows])
   np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), out_size)[0], want,
                              rtol=1e-6)
+
+
+def test_from_config_builds_the_configured_model():
+  config = default_config.get_config()
+  config.model.name = 'resnet18'
+  config.model.kwargs.stem = 'cifar'
+  config.model.dtype = 'bfloat16'
+  config.dataset.num_classes = 7
+  model = models.from_config(config)
+  assert isinstance(model, models.ResNet18)
+  assert (model.stem, model.num_classes, model.dtype) == ('cifar', 7, jnp.bfloat16)
+  config.model.kwargs.depth = 3
+  with pytest.raises(ValueError,
+                     match=r"Model 'resnet18' \(ResNet18\) has no option\(s\) \['depth'\]"):
+    models.from_config(config)

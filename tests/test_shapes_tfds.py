@@ -101,8 +101,8 @@ def test_config_rejects_bad_values():
 
 def test_input_pipeline_serves_the_generator_images_and_labels(data_dir):
   from cgl_jax import input_pipeline
-  from configs import default
-  config = default.get_config().dataset
+  from cgl_jax import default_config
+  config = default_config.get_config().dataset
   config.update(dict(name='cgl_shapes/binary_tiny', data_dir=data_dir, augment='none',
                      image_size=64, shuffle_buffer=64))
   batches = list(itertools.islice(input_pipeline.create_split(

@@ -14,7 +14,9 @@ import math
 import os
 import re
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -22,9 +24,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cgl_jax import checkpoints, input_pipeline, train
+from cgl_jax import checkpoints, default_config, input_pipeline, models, train
 from cgl_jax.config_validation import ConfigError, validate_config
-from configs import default
 
 NUM_MOCK = 48  # examples per split of the mocked cifar10
 
@@ -47,7 +48,7 @@ def tiny_config(**overrides):
 
   `overrides`: dotted config keys → values, e.g. {'cgl.num_groups': 3}.
   """
-  config = default.get_config()
+  config = default_config.get_config()
   config.model.name = 'shapes_cnn'
   config.model.kwargs.widths = (4, 6)
   config.dataset.update(dict(name='cgl_shapes/binary_tiny', num_classes=2, image_size=32,
@@ -277,7 +278,7 @@ def test_bad_config_fails_before_compiling(overrides, message, tmp_path, monkeyp
 
 def test_batch_must_divide_over_devices():
   config = tiny_config(batch_size=12)
-  layers = checkpoints.create_model(config).conv_layers()
+  layers = models.from_config(config).conv_layers()
   validate_config(config, conv_layers=layers, device_count=4)
   with pytest.raises(ConfigError, match=re.escape(
       'config.batch_size=12 is not divisible by the 8 devices (jax.device_count()); '
@@ -351,3 +352,47 @@ def test_learning_rate_schedules(schedule, warmup_epochs, expected):
                                            num_train_steps=600 + 10 * int(warmup_epochs))
   for step, value in expected.items():
     assert float(lr(step)) == pytest.approx(value, abs=1e-7), step
+
+
+def test_top5_accuracy_counts_labels_among_the_five_largest_logits():
+  logits = np.array([[0., 1., 2., 3., 4., 5., 6.],    # label 2: 5th largest → hit
+                     [0., 1., 2., 3., 4., 5., 6.],    # label 1: 6th largest → miss
+                     [6., 5., 4., 3., 2., 1., 0.],    # label 0: largest → hit
+                     [6., 5., 4., 3., 2., 1., 0.]],   # masked out
+                    np.float32)
+  labels = np.array([2, 1, 0, 6], np.int32)
+  mask = np.array([True, True, True, False])
+  for fn in (train.Top5Accuracy.from_model_output,
+             jax.jit(train.Top5Accuracy.from_model_output)):
+    metric = fn(logits=logits, labels=labels, mask=mask)
+    assert float(metric.compute()) == pytest.approx(2 / 3)
+  collection = train.create_metrics_collection(('ce',), num_classes=7)
+  update = collection.single_from_model_output(logits=logits, labels=labels, mask=mask,
+                                               ce=np.zeros(4, np.float32))
+  assert update.compute()['top5'] == pytest.approx(2 / 3)
+  assert 'top5' not in train.create_metrics_collection(('ce',), num_classes=4).__annotations__
+
+
+def test_checkpoints_save_and_restore_any_state_with_the_train_fields(tmp_path):
+  """checkpoints.save/restore only need the fields (and `replace`) of a train state."""
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    cgl: dict
+    opt_state: tuple
+    note: str = flax.struct.field(pytree_node=False, default='kept')
+
+  saved = State(step=jnp.asarray(5, jnp.int32), params={'w': jnp.arange(3.0)},
+                batch_stats={'mean': jnp.ones(2)}, cgl={'p1': jnp.asarray(2.0)},
+                opt_state=(jnp.full(3, 0.5),))
+  template = jax.tree.map(jnp.zeros_like, saved)
+  with checkpoints.create_manager(tmp_path, asynchronous=False) as manager:
+    checkpoints.save(manager, saved, eval_metrics={'top1': 0.75})
+  assert checkpoints.best_step(tmp_path) == 5
+  with checkpoints.create_manager(tmp_path, read_only=True) as manager:
+    restored = checkpoints.restore(manager, template, 5)
+  assert type(restored) is State and restored.note == 'kept'
+  for got, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(got, expected)

@@ -27,12 +27,12 @@ import csv
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from cgl_jax import fileio
 
 INDEX_META_COLUMNS = ('image', 'split', 'ih', 'iw', 'sh', 'sw')
 CATEGORY_COLUMNS = ('name', 'first', 'last', 'count', 'frequency')
@@ -180,8 +180,6 @@ def write_broden(directory: str, *, images: np.ndarray,
     raise ValueError(f'splits must name a split (non-empty str) for each of the {len(images)} '
                      f'images; got {len(splits)} entries')
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f'{directory} exists; pass overwrite=True to replace it')
   num_images, height, width, _ = images.shape
   seg_h, seg_w = (np.shape(next(iter(pixel_labels.values())))[1:]
                   if pixel_labels else (height, width))
@@ -190,10 +188,7 @@ def write_broden(directory: str, *, images: np.ndarray,
   label_coverage = np.zeros(num_labels, np.float64)
   category_frequency = {c: 0 for c in categories}
 
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.tmp-', dir=parent)
-  try:
+  with fileio.atomic_directory(directory, overwrite=overwrite) as staging:
     os.makedirs(os.path.join(staging, 'images'))
     index_rows = []
     for i in range(num_images):
@@ -236,10 +231,6 @@ def write_broden(directory: str, *, images: np.ndarray,
       _write_csv(os.path.join(staging, f'c_{c}.csv'), CATEGORY_LABEL_COLUMNS,
                  [[code, i, names[i], label_frequency[i], f'{label_coverage[i]:.6f}']
                   for code, i in enumerate(ids_of[c], start=1)])
-    _atomic_replace(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return directory
 
 
@@ -250,18 +241,6 @@ def _save_image(stem: str, image: np.ndarray, image_format: str) -> str:
     return os.path.basename(stem) + '.jpg'
   Image.fromarray(image).save(stem + '.png')
   return os.path.basename(stem) + '.png'
-
-
-def _atomic_replace(staging: str, directory: str) -> None:
-  """Renames `staging` to `directory`, moving an existing `directory` aside first."""
-  if not os.path.exists(directory):
-    os.rename(staging, directory)
-    return
-  trash = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.old-',
-                           dir=os.path.dirname(directory))
-  os.rename(directory, os.path.join(trash, 'old'))
-  os.rename(staging, directory)
-  shutil.rmtree(trash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from cgl_jax import models
 from cgl_jax.data import broden as broden_lib
 from cgl_jax.dissect import quantile as quantile_lib
 from cgl_jax.dissect import tally as tally_lib
+from cgl_jax.dissect.settings import DissectionSettings
 
 
 class Progress:
@@ -199,27 +200,18 @@ def _tally_step(*, images_per_step: tuple[tuple[str, int], ...], upsampling: str
   return jax.jit(step)
 
 
-def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequence[str],
-                   mean: Sequence[float], std: Sequence[float], quantile: float,
-                   batch_size: int, image_size: int, top_images: int = 10,
-                   exact_quantile: bool = True, categories: Sequence[str] | None = None,
-                   upsampling: str = 'bilinear', show_progress: bool = True,
+def dissect_layers(model, variables, data: broden_lib.Broden, settings: DissectionSettings, *,
+                   categories: Sequence[str] | None = None, show_progress: bool = True,
                    timings: dict[str, float] | None = None) -> dict[str, LayerDissection]:
-  """Thresholds, IoU counts and top images of `layers` on probe set `data`.
+  """Thresholds, IoU counts and top images of `settings.layers` on probe set `data`.
 
   Args:
     model, variables: a Flax model following the `cgl_jax.models` contract and its variables.
     data: the probe set.
-    layers: sown conv layer names to dissect.
-    mean, std: the model's input normalisation (0–255 scale).
-    quantile: q of the top-q activation threshold (0.005).
-    batch_size: probe images per forward pass (the last batch is padded, so one compilation).
-    image_size: side of the (square) images fed to the model.
-    top_images: images kept per unit for visualisation.
-    exact_quantile: exact thresholds (two streaming passes) or one pass within 2^-8 relative.
+    settings: layers, input normalisation, quantile (exact or histogram), probe batch size and
+      image size, top images kept per unit, the upsampling of maps to the segmentation size
+      (the other fields are not used here).
     categories: the concept categories to tally (default: all of `data`).
-    upsampling: 'bilinear' | 'nearest' | 'bicubic', PIL's filter for resizing maps to the
-      segmentation size (`tally.upsample`).
     show_progress: progress bars on stderr.
     timings: if given, receives each pass's wall seconds ('pass 1 (thresholds)', …), waited
       for before the clock stops (for benchmarks).
@@ -229,20 +221,18 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   """
   if len(data) == 0:
     raise ValueError(f'probe set {data.directory} has no images')
-  if upsampling not in tally_lib.UPSAMPLING:
-    raise ValueError(f'config.dissect.upsampling must be one of {tally_lib.UPSAMPLING}; '
-                     f'got {upsampling!r}')
   categories = tuple(data.categories if categories is None else categories)
-  forward = make_forward(model, layers=layers, mean=mean, std=std)
+  layers, batch_size, image_size = settings.layers, settings.batch_size, settings.image_size
+  forward = make_forward(model, layers=layers, mean=settings.mean, std=settings.std)
   probe_shape = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
   shapes = jax.eval_shape(forward, variables, probe_shape)
   map_sizes = {name: tuple(shapes[name].shape[1:3]) for name in layers}
   num_units = {name: shapes[name].shape[3] for name in layers}
   selectors = {name: quantile_lib.TopQuantile(
       num_units=num_units[name], num_values=len(data) * int(np.prod(map_sizes[name])),
-      quantile=quantile, exact=exact_quantile) for name in layers}
+      quantile=settings.quantile, exact=settings.exact_quantile) for name in layers}
   states = {name: selectors[name].init() for name in layers}
-  keep = min(top_images, len(data))
+  keep = min(settings.top_images, len(data))
   top = {name: (jnp.full((num_units[name], keep), -jnp.inf),
                 jnp.full((num_units[name], keep), -1, jnp.int32)) for name in layers}
   num_passes = selectors[layers[0]].num_passes + 1
@@ -289,7 +279,7 @@ def dissect_layers(model, variables, data: broden_lib.Broden, *, layers: Sequenc
   step = _tally_step(images_per_step=tuple(
       (name, tally_lib.images_per_step(batch_size=batch_size, pixels=seg_h * seg_w,
                                        num_units=num_units[name], num_labels=data.num_labels))
-      for name in layers), upsampling=upsampling)
+      for name in layers), upsampling=settings.upsampling)
   totals = {name: tally_lib.TallyCounts.zeros(
       num_units=num_units[name], num_labels=data.num_labels, num_categories=len(categories))
       for name in layers}

@@ -1,8 +1,21 @@
 """Dissection outputs: tally.csv, JSON summaries, graphs, unit image strips and the HTML report.
 
-Numbers only come in through `tally.UnitConcepts` / `tally.TallyCounts`; this module formats.
-Everything is written into a staging folder that replaces the step folder in one rename, so a
-crash never leaves a half-written report.
+`write_report(result, outdir, step=…, data=…)` writes everything a `results.DissectionResult`
+holds; the numbers all come from the result, this module only formats them. The files go into a
+staging folder that replaces `outdir` in one rename (`fileio.atomic_directory`), so a crash never
+leaves a half-written report. Layout of `outdir`:
+
+    report.html                    one self-contained page linking everything below
+    summary.json                   per layer and IoU threshold: detectors, unique detectors (per
+                                   category), per-concept counts; RUD; thresholds used
+    concept_groups.csv/.png/.svg   per layer and group: dominant concept, its detectors, β_gl
+    <layer>/tally.csv              NetDissect-Lite's columns (unit, category, label, score and
+                                   per category <cat>-label/-truth/-activation/-intersect/-iou)
+    <layer>/summary.json           the layer's thresholds T_k and detector statistics
+    <layer>/detectors.png/.svg     detector units per concept, coloured by category
+    <layer>/units/unit_NNNN.png    the unit's top images, region above T_k highlighted
+
+Units are numbered from 1 in all outputs, as in NetDissect-Lite.
 """
 from __future__ import annotations
 
@@ -10,13 +23,14 @@ import csv
 import html
 import json
 import os
-import shutil
-import tempfile
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from cgl_jax import fileio
+from cgl_jax.data import broden as broden_lib
+from cgl_jax.dissect import results as results_lib
 from cgl_jax.dissect import tally as tally_lib
 
 _CATEGORY_COLOURS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2',
@@ -28,19 +42,121 @@ def category_colour(index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic folders and files.
+# The report folder.
 
 
-def replace_directory(staging: str, directory: str) -> None:
-  """Renames `staging` to `directory`, replacing an existing one (moved aside, then deleted)."""
-  parent = os.path.dirname(os.path.abspath(directory))
-  if os.path.exists(directory):
-    trash = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.old-', dir=parent)
-    os.rename(directory, os.path.join(trash, 'old'))
-    os.rename(staging, directory)
-    shutil.rmtree(trash, ignore_errors=True)
-  else:
-    os.rename(staging, directory)
+def write_report(result: results_lib.DissectionResult, outdir: str, *, step: int,
+                 data: broden_lib.Broden) -> str:
+  """Writes every output of `result` into `outdir` (replaced whole); returns `outdir`.
+
+  Args:
+    result: from `results.compute`.
+    outdir: the report folder, e.g. `workdir/dissect/step_<step>`.
+    step: the checkpoint step that was dissected (recorded in the summaries and titles).
+    data: the probe set `result` was computed on (the unit strips show its images).
+  """
+  settings = result.settings
+  with fileio.atomic_directory(outdir) as staging:
+    layer_pages = {name: _write_layer(staging, layer, result, step=step, data=data)
+                   for name, layer in result.layers.items()}
+    summary = _step_summary(result, step=step,
+                            layer_summaries={name: page['summary']
+                                             for name, page in layer_pages.items()})
+    group_rows = [row for layer in result.layers.values() for row in layer.groups]
+    if group_rows:
+      write_rows_csv(os.path.join(staging, 'concept_groups.csv'), group_rows, GROUP_COLUMNS)
+      concept_group_bubbles(os.path.join(staging, 'concept_groups'), group_rows,
+                            categories=result.categories,
+                            title=f'Concept groups (G = {settings.num_groups}), step {step}')
+      summary.update(concept_groups_csv='concept_groups.csv',
+                     concept_groups_plot='concept_groups.png')
+    write_json(os.path.join(staging, 'summary.json'), summary)
+    quantile_method = ('exact' if settings.exact_quantile
+                       else 'histogram, ≤ 2^-8 relative error')
+    page = html_report(
+        title=f'Network dissection, step {step}',
+        meta=[f'Probe set: {result.probe_set} ({result.num_images} images, categories '
+              f'{", ".join(result.categories)}).',
+              f'Thresholds: top {settings.quantile:g} quantile per unit ({quantile_method}); '
+              f'IoU thresholds {", ".join(f"{t:g}" for t in settings.iou_thresholds)}.'],
+        summary=summary, layers=layer_pages, categories=result.categories)
+    with open(os.path.join(staging, 'report.html'), 'w') as f:
+      f.write(page)
+  return outdir
+
+
+def _layer_summary(layer: results_lib.LayerResult, settings: results_lib.DissectionSettings, *,
+                   step: int) -> dict[str, Any]:
+  """`<layer>/summary.json`."""
+  return {
+      'step': step, 'layer': layer.name, 'num_units': layer.num_units,
+      'map_size': list(layer.map_size), 'quantile': settings.quantile,
+      'exact_quantile': settings.exact_quantile,
+      'max_threshold_error': layer.max_threshold_error,
+      'iou_thresholds': list(settings.iou_thresholds),
+      'detectors': layer.detectors,
+      'thresholds': [float(t) for t in layer.thresholds],
+  }
+
+
+def _step_summary(result: results_lib.DissectionResult, *, step: int,
+                  layer_summaries: Mapping[str, Any]) -> dict[str, Any]:
+  """`summary.json` (without the concept-group file links)."""
+  settings = result.settings
+  return {
+      'step': step, 'probe_set': result.probe_set, 'num_images': result.num_images,
+      'categories': list(result.categories), 'quantile': settings.quantile,
+      'exact_quantile': settings.exact_quantile,
+      'iou_thresholds': list(settings.iou_thresholds), 'layers': dict(layer_summaries),
+      'rud': result.rud, 'seconds': round(result.seconds, 1),
+  }
+
+
+def _write_layer(staging: str, layer: results_lib.LayerResult,
+                 result: results_lib.DissectionResult, *, step: int,
+                 data: broden_lib.Broden) -> dict[str, Any]:
+  """Writes `<layer>/…`; returns what the HTML page shows of the layer (see `html_report`)."""
+  name, settings = layer.name, result.settings
+  categories, label_names = result.categories, result.label_names
+  os.makedirs(os.path.join(staging, name, 'units'))
+  rows = tally_rows(layer.concepts, layer.counts, categories=categories, label_names=label_names)
+  write_tally_csv(os.path.join(staging, name, 'tally.csv'), rows, categories)
+  summary = _layer_summary(layer, settings, step=step)
+  write_json(os.path.join(staging, name, 'summary.json'), summary)
+  threshold = settings.iou_thresholds[0]
+  detector_bar_graph(
+      os.path.join(staging, name, 'detectors'), concepts=layer.concepts, threshold=threshold,
+      categories=categories, label_names=label_names,
+      title=f'{name}, step {step}: detectors per concept (IoU ≥ {threshold:g})')
+  strips = _write_unit_strips(os.path.join(staging, name, 'units'), layer, data,
+                              image_size=settings.image_size)
+  return {'summary': summary, 'tally': rows, 'groups': layer.groups,
+          'files': {'tally': f'{name}/tally.csv', 'summary': f'{name}/summary.json',
+                    'bar_graph': f'{name}/detectors.png',
+                    'bar_graph_svg': f'{name}/detectors.svg',
+                    'strips': {unit: f'{name}/units/{file}' for unit, file in strips.items()}}}
+
+
+def _write_unit_strips(directory: str, layer: results_lib.LayerResult, data: broden_lib.Broden,
+                       *, image_size: int) -> dict[int, str]:
+  """unit_NNNN.png per unit (1-based) with top images: each image with the region where the
+  unit's map exceeds T_k highlighted. Returns {unit: file name}."""
+  rows = np.unique(layer.top_images[layer.top_images >= 0])
+  images = {int(row): data.load_image(int(row), (image_size, image_size)) for row in rows}
+  files = {}
+  for unit in range(layer.num_units):
+    chosen = [j for j, row in enumerate(layer.top_images[unit]) if row >= 0]
+    if not chosen:
+      continue
+    strip = unit_strip([images[int(layer.top_images[unit, j])] for j in chosen],
+                       [layer.top_maps[unit, j] for j in chosen], float(layer.thresholds[unit]))
+    files[unit + 1] = f'unit_{unit + 1:04d}.png'
+    save_png(os.path.join(directory, files[unit + 1]), strip)
+  return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Files.
 
 
 def write_json(path: str, payload) -> None:
@@ -127,46 +243,6 @@ def detector_bar_graph(stem: str, *, concepts: tally_lib.UnitConcepts, threshold
   for ext in ('png', 'svg'):  # 'tight' keeps the outside legend and a long title in the file
     fig.savefig(f'{stem}.{ext}', dpi=110, bbox_inches='tight')
   plt.close(fig)
-
-
-def concept_group_rows(concepts: tally_lib.UnitConcepts, *, layer: str, num_groups: int,
-                       relevance: np.ndarray | None, threshold: float,
-                       categories: Sequence[str], label_names: Sequence[str]) -> list[dict]:
-  """The paper's concept groups (Fig. 4) of one layer.
-
-  Group g holds units [g·f, (g+1)·f) with f = C // G (the remaining C − G·f units are free). Its
-  dominant concept is the label most common among its detector units (IoU ≥ threshold; ties: the
-  larger summed IoU), or among all its units when none detects anything; `detectors` counts the
-  group's units detecting that concept. β_g = ‖W_g‖_F is the group relevance.
-  """
-  num_units = len(concepts.label)
-  if not 1 <= num_groups <= num_units:
-    raise ValueError(f'config.cgl.num_groups={num_groups} must be in 1..{num_units} '
-                     f'(units of layer {layer!r})')
-  size = num_units // num_groups
-  detector = concepts.is_detector(threshold)
-  total_relevance = float(np.sum(relevance)) if relevance is not None else None
-  rows = []
-  for g in range(num_groups):
-    units = np.arange(g * size, (g + 1) * size)
-    pool = units[detector[units]] if detector[units].any() else units
-    labels = concepts.label[pool]
-    candidates = np.unique(labels)
-    dominant = max(candidates, key=lambda label: (np.sum(labels == label),
-                                                  concepts.score[pool][labels == label].sum()))
-    with_label = units[concepts.label[units] == dominant]
-    rows.append({
-        'layer': layer, 'group': g + 1, 'first_unit': int(units[0]) + 1,
-        'last_unit': int(units[-1]) + 1, 'concept': label_names[dominant],
-        'category': categories[concepts.category[with_label[0]]],
-        'detectors': int(np.sum(detector[with_label])),
-        'units_with_label': int(len(with_label)),
-        'mean_iou': float(concepts.score[with_label].mean()),
-        'relevance': float(relevance[g]) if relevance is not None else '',
-        'relevance_share': (float(relevance[g]) / total_relevance
-                            if relevance is not None and total_relevance else ''),
-    })
-  return rows
 
 
 GROUP_COLUMNS = ('layer', 'group', 'first_unit', 'last_unit', 'concept', 'category', 'detectors',

@@ -338,3 +338,43 @@ def detector_summary(concepts: UnitConcepts, *, threshold: float, categories: Se
           'detectors_per_category': per_category,
           'unique_detectors_per_category': unique_per_category,
           'detectors_per_concept': dict(sorted(per_concept.items(), key=lambda kv: -kv[1]))}
+
+
+def concept_group_rows(concepts: UnitConcepts, *, layer: str, num_groups: int,
+                       relevance: np.ndarray | None, threshold: float,
+                       categories: Sequence[str], label_names: Sequence[str]) -> list[dict]:
+  """The paper's concept groups (Fig. 4) of one layer.
+
+  Group g holds units [g·f, (g+1)·f) with f = C // G (the remaining C − G·f units are free). Its
+  dominant concept is the label most common among its detector units (IoU ≥ threshold; ties: the
+  larger summed IoU), or among all its units when none detects anything; `detectors` counts the
+  group's units detecting that concept. β_g = ‖W_g‖_F is the group relevance.
+  """
+  num_units = len(concepts.label)
+  if not 1 <= num_groups <= num_units:
+    raise ValueError(f'config.cgl.num_groups={num_groups} must be in 1..{num_units} '
+                     f'(units of layer {layer!r})')
+  size = num_units // num_groups
+  detector = concepts.is_detector(threshold)
+  total_relevance = float(np.sum(relevance)) if relevance is not None else None
+  rows = []
+  for g in range(num_groups):
+    units = np.arange(g * size, (g + 1) * size)
+    pool = units[detector[units]] if detector[units].any() else units
+    labels = concepts.label[pool]
+    candidates = np.unique(labels)
+    dominant = max(candidates, key=lambda label: (np.sum(labels == label),
+                                                  concepts.score[pool][labels == label].sum()))
+    with_label = units[concepts.label[units] == dominant]
+    rows.append({
+        'layer': layer, 'group': g + 1, 'first_unit': int(units[0]) + 1,
+        'last_unit': int(units[-1]) + 1, 'concept': label_names[dominant],
+        'category': categories[concepts.category[with_label[0]]],
+        'detectors': int(np.sum(detector[with_label])),
+        'units_with_label': int(len(with_label)),
+        'mean_iou': float(concepts.score[with_label].mean()),
+        'relevance': float(relevance[g]) if relevance is not None else '',
+        'relevance_share': (float(relevance[g]) / total_relevance
+                            if relevance is not None and total_relevance else ''),
+    })
+  return rows

@@ -6,7 +6,8 @@ returns float32 logits, sows every conv's PRE-activation output under `'intermed
 describes its convs statically with `model.conv_layers()` (see `layers.ConvLayer`).
 
 Names: `shapes_cnn`, `alexnet`, `alexnet_bn` (AlexNet-B: `AlexNet(batch_norm=True)`), `vgg16`,
-`resnet18` (`stem='imagenet'|'cifar'`).
+`resnet18` (`stem='imagenet'|'cifar'`). `from_config(config)` builds the model a run's config
+describes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import linen as nn
 
 from cgl_jax.models.alexnet import AlexNet
@@ -27,7 +29,7 @@ from cgl_jax.models.shapes_cnn import ShapesCNN
 from cgl_jax.models.vgg import VGG16
 
 __all__ = ['AlexNet', 'ConvLayer', 'ResNet18', 'ShapesCNN', 'VGG16', 'available', 'create',
-           'get_intermediates']
+           'from_config', 'get_intermediates']
 
 _REGISTRY: Mapping[str, Callable[..., nn.Module]] = {
     'shapes_cnn': ShapesCNN,
@@ -65,6 +67,14 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     raise ValueError(f"Model '{name}' ({model_cls.__name__}) has no option(s) {unknown}; "
                      f'its options are {sorted(fields)}')
   return factory(**kwargs)
+
+
+def from_config(config: ml_collections.ConfigDict) -> nn.Module:
+  """The model of a run's config: `create(config.model.name, num_classes=
+  config.dataset.num_classes, dtype=config.model.dtype, **config.model.kwargs)`."""
+  kwargs = dict(config.model.kwargs.to_dict()) if config.model.get('kwargs') else {}
+  return create(config.model.name, num_classes=config.dataset.num_classes,
+                dtype=config.model.dtype, **kwargs)
 
 
 def get_intermediates(state: Mapping[str, Any]) -> dict[str, jax.Array]:
