@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_classes = 2
   config.dataset.image_size = 64
   config.dataset.augment = 'random_resized_crop'  # | 'pad_crop' | 'none'
+  # Eval transform: None = the augmentation's ('center' for random_resized_crop: Resize(S·256/224)
+  # + CenterCrop(S); else the whole image), 'center' | 'none' (whole image resized to S).
+  config.dataset.eval_crop = ml_collections.FieldReference(None, field_type=str)
+  config.dataset.pad_value = (0.0, 0.0, 0.0)  # pad_crop's border, RGB on the 0–255 scale
   config.dataset.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   config.dataset.std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
   config.dataset.shuffle_buffer = 10_000
@@ -99,7 +103,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.dissect.broden_dir = ml_collections.FieldReference(None, field_type=str)  # None: shapes export
   config.dissect.quantile = 0.005  # top 0.5 % activations per unit
   config.dissect.exact_quantile = True  # exact T_k (streaming radix select); False: histogram
-  config.dissect.iou_thresholds = (0.04,)
+  # How to measure (cgl_jax/dissect/measurement.py): a preset, 'netdissect_lite' (PIL bilinear,
+  # IoU 0.04) | 'authors_synthetic' (the CGL authors' shapes dissection: nearest, JPEG q95 probe
+  # images, all images, IoU 0.08 and 0.04) | 'authors_synthetic_pillow7' (bicubic instead).
+  # The fields below set to None take the preset's value; any other value overrides it.
+  config.dissect.measurement = 'netdissect_lite'
+  config.dissect.upsampling = ml_collections.FieldReference(None, field_type=str)  # bilinear|nearest|bicubic
+  config.dissect.image_format = ml_collections.FieldReference(None, field_type=str)  # png|jpeg (shapes export)
+  config.dissect.probe_split = ml_collections.FieldReference(None, field_type=str)  # validation|all (shapes)
+  config.dissect.iou_thresholds = ml_collections.FieldReference(None, field_type=tuple)  # first: detectors
+  config.dissect.categories = ml_collections.FieldReference(None, field_type=tuple)  # None: all
   config.dissect.batch_size = 64
   config.dissect.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset.image_size
   config.dissect.top_images = 10

@@ -107,7 +107,9 @@ def _step_summary(result: results_lib.DissectionResult, *, step: int,
       'step': step, 'probe_set': result.probe_set, 'num_images': result.num_images,
       'categories': list(result.categories), 'quantile': settings.quantile,
       'exact_quantile': settings.exact_quantile,
-      'iou_thresholds': list(settings.iou_thresholds), 'layers': dict(layer_summaries),
+      'iou_thresholds': list(settings.iou_thresholds),
+      'measurement': settings.measurement_record(result.categories),
+      'layers': dict(layer_summaries),
       'rud': result.rud, 'seconds': round(result.seconds, 1),
   }
 
