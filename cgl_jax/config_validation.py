@@ -19,6 +19,7 @@ _CHOICES = {
     'cgl.pairs': ('sampled', 'exact'),
     'cgl.reduction': ('per_sample', 'pooled'),
     'cgl.bn_mask': ('paper', 'code'),
+    'dissect.checkpoint': ('latest', 'best'),
 }
 
 

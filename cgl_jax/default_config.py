@@ -116,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dissect.batch_size = 64
   config.dissect.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset.image_size
   config.dissect.top_images = 10
+  config.dissect.checkpoint = 'latest'  # | 'best': highest validation top-1, earliest of ties
   return config
 
 

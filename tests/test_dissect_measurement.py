@@ -13,7 +13,7 @@ import pytest
 
 from cgl_jax import checkpoints, models
 from cgl_jax import dissect as dissect_lib
-from cgl_jax.data import shapes
+from cgl_jax.data import broden, shapes
 from cgl_jax.dissect import measurement, reference, tally
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,3 +162,35 @@ def test_run_measures_as_the_preset_says_and_records_it(tmp_path, monkeypatch):
   with open(os.path.join(outdir, 'conv1', 'tally.csv')) as f:
     header = f.readline().strip().split(',')
   assert [c for c in header if c.endswith('-iou')] == ['color-iou', 'shape-iou']
+
+
+@pytest.mark.parametrize('which,best,expected', [('latest', 3, None), ('best', 3, 3),
+                                                 ('best', None, 'error')])
+def test_run_dissects_the_checkpoint_config_dissect_checkpoint_names(tmp_path, monkeypatch, which,
+                                                                     best, expected):
+  colour = np.zeros((4, 8, 8), np.int32)
+  colour[:, :4] = 1
+  directory = broden.write_broden(str(tmp_path / 'probe'), images=np.zeros((4, 8, 8, 3), np.uint8),
+                                  concepts=[('red', 'color')], pixel_labels={'color': colour})
+  config = runpy.run_path(os.path.join(REPO_ROOT, 'configs', 'default.py'))['get_config']()
+  config.dissect.broden_dir = directory
+  config.dissect.checkpoint = which
+  config.dissect.layers = ('conv1',)
+  config.dissect.batch_size = 4
+  config.dissect.top_images = 1
+  config.dataset.image_size = 8
+  config.cgl.num_groups = 1
+  model = models.create('shapes_cnn', num_classes=2, widths=(3, 3))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  asked = []
+  monkeypatch.setattr(checkpoints, 'best_step', lambda workdir: best)
+  monkeypatch.setattr(checkpoints, 'restore_model', lambda cfg, workdir, step=None: (
+      asked.append(step) or (model, variables, 9 if step is None else step)))
+  if expected == 'error':
+    with pytest.raises(FileNotFoundError, match="config.dissect.checkpoint='best', but no kept "
+                                                'checkpoint .* was saved with validation metrics'):
+      dissect_lib.run(config, str(tmp_path / 'run'))
+    return
+  outdir = dissect_lib.run(config, str(tmp_path / 'run'))
+  assert asked == [expected]
+  assert outdir.endswith(f'step_{9 if expected is None else expected}')

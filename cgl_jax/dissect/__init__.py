@@ -60,11 +60,28 @@ def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   return directory
 
 
+CHECKPOINTS = ('latest', 'best')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> str:
-  """Dissects checkpoint `step` (None: the latest) of `workdir` as `config.dissect` says;
-  returns the output folder `workdir/dissect/step_<step>`."""
+  """Dissects checkpoint `step` of `workdir` as `config.dissect` says; returns the output folder
+  `workdir/dissect/step_<step>`.
+
+  step None: `config.dissect.checkpoint` picks it, 'latest' or 'best' (the kept step of highest
+  validation top-1, the earliest of ties: `checkpoints.best_step`).
+  """
   from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax)
   settings = DissectionSettings.from_config(config)
+  which = config.dissect.get('checkpoint', 'latest')
+  if which not in CHECKPOINTS:
+    raise ValueError(f'config.dissect.checkpoint must be one of {CHECKPOINTS}; got {which!r}')
+  if step is None and which == 'best':
+    step = checkpoints.best_step(workdir)
+    if step is None:
+      raise FileNotFoundError(
+          f"config.dissect.checkpoint='best', but no kept checkpoint in "
+          f'{checkpoints.checkpoint_dir(workdir)} was saved with validation metrics; evaluate '
+          "when checkpointing, or set config.dissect.checkpoint='latest'")
   model, variables, step = checkpoints.restore_model(config, workdir, step=step)
   data = broden_lib.Broden(probe_directory(config, workdir), categories=settings.categories)
   result = compute(model, variables, data, settings)
