@@ -285,3 +285,31 @@ def test_from_config_builds_the_configured_model():
   with pytest.raises(ValueError,
                      match=r"Model 'resnet18' \(ResNet18\) has no option\(s\) \['depth'\]"):
     models.from_config(config)
+
+
+def test_shapes_cnn_pytorch_initializer_is_pytorchs_default_for_conv_and_linear():
+  """initializer='pytorch': every kernel and bias ~ U(±1/√fan_in), fan_in = 3·3·C_in for the
+  convs and the input width for the head (PyTorch's kaiming_uniform(a=√5) and bias default)."""
+  model = models.create('shapes_cnn', num_classes=2, initializer='pytorch')
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)['params']
+  fan_in = {'conv1': 3 * 3 * 3, 'conv2': 3 * 3 * 128, 'head': 256}
+  for layer, fan in fan_in.items():
+    bound = 1 / math.sqrt(fan)
+    for name in ('kernel', 'bias'):
+      values = np.asarray(params[layer][name]).ravel()
+      assert np.all(np.abs(values) <= bound), (layer, name)
+      if values.size >= 128:  # uniform on (−b, b): reaches both ends, variance b²/3
+        assert values.max() > 0.95 * bound and values.min() < -0.95 * bound, (layer, name)
+        assert np.var(values) == pytest.approx(bound ** 2 / 3, rel=0.15), (layer, name)
+  default = models.create('shapes_cnn', num_classes=2).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)['params']
+  assert not np.any(default['conv1']['bias']) and not np.any(default['head']['bias'])
+  he_std = math.sqrt(2 / (3 * 3 * 128))  # He-normal, fan_out = 3·3·C_out
+  assert np.std(default['conv1']['kernel']) == pytest.approx(he_std, rel=0.1)
+
+
+def test_unknown_initializer_is_named():
+  model = models.create('shapes_cnn', num_classes=2, initializer='xavier')
+  with pytest.raises(ValueError, match=r"config.model.kwargs.initializer must be one of "
+                                       r"\('he_normal', 'pytorch'\), got 'xavier'"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
