@@ -313,3 +313,20 @@ def test_unknown_initializer_is_named():
   with pytest.raises(ValueError, match=r"config.model.kwargs.initializer must be one of "
                                        r"\('he_normal', 'pytorch'\), got 'xavier'"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
+
+
+@pytest.mark.parametrize('name, kwargs, image, fan_in', [
+    ('alexnet', dict(width_multiplier=0.25, hidden_features=32), 64,
+     {'conv1': 11 * 11 * 3, 'conv2': 5 * 5 * 16, 'fc2': 32, 'head': 32}),
+    ('vgg16', dict(width_multiplier=0.125, hidden_features=16), 32,
+     {'conv1_1': 3 * 3 * 3, 'conv5_3': 3 * 3 * 64, 'fc1': 64 * 7 * 7, 'head': 16}),
+])
+def test_alexnet_and_vgg_take_the_pytorch_initializer(name, kwargs, image, fan_in):
+  model = models.create(name, num_classes=3, initializer='pytorch', **kwargs)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, image, image, 3)), train=False)[
+      'params']
+  for layer, fan in fan_in.items():
+    bound = 1 / math.sqrt(fan)
+    kernel, bias = (np.asarray(params[layer][n]).ravel() for n in ('kernel', 'bias'))
+    assert np.all(np.abs(kernel) <= bound) and np.all(np.abs(bias) <= bound), layer
+    assert np.abs(kernel).max() > 0.9 * bound and np.any(bias), layer

@@ -183,20 +183,23 @@ def adaptive_avg_pool(x: jax.Array, output_size: int) -> jax.Array:
 
 def classifier_head(x: jax.Array, *, hidden: Sequence[int], num_classes: int,
                     dropout_rate: float, dropout_first: bool, train: bool,
-                    dtype: Any) -> jax.Array:
+                    dtype: Any, initializer: str = 'he_normal') -> jax.Array:
   """Flatten → [Dropout → Dense → ReLU] per hidden size → Dense(num_classes), float32 logits.
 
   `dropout_first=True` is torchvision's AlexNet order (dropout before each hidden dense);
   `False` is VGG's (dropout after each hidden ReLU). Dropout needs `rngs={'dropout': key}`
   when `train`. Call it from inside the model's compact method: the Dense layers become
-  children of the model, named fc1, fc2, …, the last one `head`.
+  children of the model, named fc1, fc2, …, the last one `head`. `initializer`: see
+  `INITIALIZERS` ('he_normal' keeps flax's Dense default).
   """
   x = x.reshape((x.shape[0], -1))
   for index, features in enumerate(hidden, start=1):
     if dropout_first:
       x = nn.Dropout(dropout_rate, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(features, dtype=dtype, name=f'fc{index}')(x))
+    x = nn.relu(nn.Dense(features, dtype=dtype, name=f'fc{index}',
+                         **dense_inits(initializer, fan_in=x.shape[-1]))(x))
     if not dropout_first:
       x = nn.Dropout(dropout_rate, deterministic=not train)(x)
-  logits = nn.Dense(num_classes, dtype=dtype, name='head')(x)
+  logits = nn.Dense(num_classes, dtype=dtype, name='head',
+                    **dense_inits(initializer, fan_in=x.shape[-1]))(x)
   return logits.astype(jnp.float32)
