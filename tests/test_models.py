@@ -245,7 +245,8 @@ def test_create_unknown_name_lists_available_models():
 def test_create_rejects_unknown_options():
   with pytest.raises(ValueError, match=r"Model 'alexnet_bn' \(AlexNet\) has no option\(s\) "
                                        r"\['stem'\]; its options are \['dropout_rate', 'dtype', "
-                                       r"'hidden_features', 'num_classes', 'width_multiplier'\]"):
+                                       r"'hidden_features', 'initializer', 'num_classes', "
+                                       r"'width_multiplier'\]"):
     models.create('alexnet_bn', num_classes=10, stem='cifar')
   with pytest.raises(ValueError, match="stem must be one of .*got 'tiny'"):
     models.create('resnet18', num_classes=10, stem='tiny')
