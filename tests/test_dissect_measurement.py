@@ -14,7 +14,7 @@ import pytest
 from cgl_jax import checkpoints, models
 from cgl_jax import dissect as dissect_lib
 from cgl_jax.data import broden, shapes
-from cgl_jax.dissect import measurement, reference, tally
+from cgl_jax.dissect import measurement, reference, report, tally
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,3 +194,19 @@ def test_run_dissects_the_checkpoint_config_dissect_checkpoint_names(tmp_path, m
   outdir = dissect_lib.run(config, str(tmp_path / 'run'))
   assert asked == [expected]
   assert outdir.endswith(f'step_{9 if expected is None else expected}')
+
+
+def test_tally_csv_row_of_a_unit_without_matches_is_the_references():
+  """NetDissect-Lite writes, for a category whose best label is 0: label '' (label 0's name),
+  truth tally_labels[0] = 0, intersect 0, IoU 0 and activation units_cat of label 0's primary
+  category, the last one. The unit itself: label '', the last category, score 0."""
+  primary = np.array([-1, 0, 1, 2])
+  counts = tally.TallyCounts(labels=np.array([0, 10, 20, 30]), units=np.array([7]),
+                             units_cat=np.array([[2, 5, 7]]), both=np.zeros((1, 4), np.int64))
+  concepts = tally.unit_concepts(tally.iou(counts, primary), primary, 3)
+  (row,) = report.tally_rows(concepts, counts, categories=('a', 'b', 'c'),
+                             label_names=('', 'x', 'y', 'z'))
+  assert (row['label'], row['category'], row['score']) == ('', 'c', 0.0)
+  for category in 'abc':
+    assert (row[f'{category}-label'], row[f'{category}-truth'], row[f'{category}-intersect'],
+            row[f'{category}-iou'], row[f'{category}-activation']) == ('', 0, 0, 0.0, 7)

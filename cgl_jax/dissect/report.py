@@ -173,8 +173,14 @@ def write_json(path: str, payload) -> None:
 
 def tally_rows(concepts: tally_lib.UnitConcepts, counts: tally_lib.TallyCounts, *,
                categories: Sequence[str], label_names: Sequence[str]) -> list[dict]:
-  """One dict per unit, best score first; units numbered from 1 as in the reference."""
+  """One dict per unit, best score first; units numbered from 1 as in the reference.
+
+  A category without a match (label 0) is written as the reference writes it: empty label,
+  truth, intersection and IoU 0, and as activation the unit's count for label 0's primary
+  category in the reference, the last one.
+  """
   rows = []
+  last = len(categories) - 1
   for unit in np.argsort(-concepts.score, kind='stable'):
     row = {'unit': int(unit) + 1, 'category': categories[concepts.category[unit]],
            'label': label_names[concepts.label[unit]], 'score': float(concepts.score[unit])}
@@ -182,7 +188,7 @@ def tally_rows(concepts: tally_lib.UnitConcepts, counts: tally_lib.TallyCounts, 
       label = concepts.category_label[unit, g]
       row.update({f'{category}-label': label_names[label] if label else '',
                   f'{category}-truth': int(counts.labels[label]) if label else 0,
-                  f'{category}-activation': int(counts.units_cat[unit, g]),
+                  f'{category}-activation': int(counts.units_cat[unit, g if label else last]),
                   f'{category}-intersect': int(counts.both[unit, label]) if label else 0,
                   f'{category}-iou': float(concepts.category_iou[unit, g])})
     rows.append(row)
