@@ -78,7 +78,9 @@ def write_report(result: results_lib.DissectionResult, outdir: str, *, step: int
         meta=[f'Probe set: {result.probe_set} ({result.num_images} images, categories '
               f'{", ".join(result.categories)}).',
               f'Thresholds: top {settings.quantile:g} quantile per unit ({quantile_method}); '
-              f'IoU thresholds {", ".join(f"{t:g}" for t in settings.iou_thresholds)}.'],
+              f'IoU thresholds {", ".join(f"{t:g}" for t in settings.iou_thresholds)}.',
+              f'Measurement: {settings.measurement or "as called"}; maps upsampled '
+              f'{settings.upsampling} (PIL).'],
         summary=summary, layers=layer_pages, categories=result.categories)
     with open(os.path.join(staging, 'report.html'), 'w') as f:
       f.write(page)
