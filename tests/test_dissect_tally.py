@@ -255,8 +255,8 @@ def test_upsampling_equals_pil_bit_for_bit(maybe_jit, method, shape, size):
 @pytest.mark.parametrize('method', tally.UPSAMPLING)
 def test_plateau_at_the_threshold_counts_as_pil_does(method):
   """A unit whose activations sit on a plateau exactly at T_k (a uniform background): the masks
-  `map > T_k` depend on the last bit of the upsampled plateau. They equal PIL's, while the
-  float32 interpolation matrices we used before disagree with PIL on thousands of pixels."""
+  `map > T_k` depend on the last bit of the upsampled plateau. They equal PIL's, while the same
+  interpolation done with float32 matrices disagrees with PIL on thousands of pixels."""
   rng = np.random.default_rng(0)
   plateau = np.float32(0.1)
   maps = np.full((2, 13, 13, 2), plateau, np.float32)
