@@ -27,8 +27,8 @@ setuptools.setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['cgl_jax', 'cgl_jax.*']),
-    # The C++ sources of the CPU kernels, compiled on first use (cgl_jax/cpu_kernels.py).
-    package_data={'cgl_jax': ['csrc/*.cc', 'csrc/*.h']},
+    # The C++ sources of the CPU kernels, compiled on first use (cgl_jax/kernels/cpu.py).
+    package_data={'cgl_jax.kernels': ['csrc/*.cc', 'csrc/*.h']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={

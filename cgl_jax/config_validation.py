@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from cgl_jax import kernels
+
 LAMBDA_KEYS = ('lambda_bn', 'lambda_g', 'lambda_s', 'lambda_o')
 
 _CHOICES = {
@@ -19,6 +21,7 @@ _CHOICES = {
     'cgl.pairs': ('sampled', 'exact'),
     'cgl.reduction': ('per_sample', 'pooled'),
     'cgl.bn_mask': ('paper', 'code'),
+    'cgl.kernels': kernels.CHOICES,
     'dissect.checkpoint': ('latest', 'best'),
 }
 

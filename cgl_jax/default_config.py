@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.cgl.p1 = 1.0
   config.cgl.p2 = 0.0
   config.cgl.bn_mask = 'paper'  # 'paper': y / gamma; 'code': authors' running_var form
+  # L_g / L_s implementations (cgl_jax.kernels): 'auto' (fastest here), 'jnp', 'loop', 'matmul',
+  # 'cpu_ffi', 'pallas'. 'jnp' is the only one with forward-mode derivatives.
+  config.cgl.kernels = 'auto'
 
   # Loop.
   config.log_every_steps = 50

@@ -192,7 +192,8 @@ def create_metrics_collection(names: tuple[str, ...], *, num_classes: int,
 
 def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model, tx,
                learning_rate: optax.Schedule, cgl_config: ml_collections.ConfigDict,
-               conv_layers, metrics_cls: type[metrics.Collection]):
+               conv_layers, metrics_cls: type[metrics.Collection],
+               kernels: regularize.Kernels | None = None):
   """One SGD step on the global batch.
 
   Returns:
@@ -216,7 +217,7 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model, 
     terms = regularize.cgl_terms(
         cgl_config, params=trainable['params'], intermediates=sown,
         conv_layers=conv_layers, key=pairs_key, batch_stats=state.batch_stats,
-        soft_mask_params=trainable['cgl'] or None)
+        soft_mask_params=trainable['cgl'] or None, kernels=kernels)
     loss = ce + regularize.weighted_sum(cgl_config, terms)
     return loss, (logits, {'loss': loss, 'ce': ce, **terms}, updates.get('batch_stats', {}))
 
@@ -251,10 +252,13 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
       ('loss', 'ce', *regularize.active_terms(config.cgl)),
       num_classes=config.dataset.num_classes,
       last_values=('learning_rate', *regularize.init_soft_mask_params(config.cgl)))
+  # Resolved only where L_g or L_s run: a baseline never builds kernels.
+  kernels = (regularize.resolve_kernels(config.cgl)
+             if regularize.needs_intermediates(config.cgl) else None)
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                         cgl_config=config.cgl, conv_layers=model.conv_layers(),
-                        metrics_cls=metrics_cls),
+                        metrics_cls=metrics_cls, kernels=kernels),
       out_shardings=out_shardings, donate_argnums=0)
 
 

@@ -4,13 +4,15 @@ Times, in one run and on one device, ``jax.jit(jax.value_and_grad(L_g + L_s))``
 on soft masks ψ of shape [B, H, W, C] (default [256, 13, 13, 256], G = 5: AlexNet
 conv5, per-sample reduction) for three implementations of L_g:
 
-  sampled  cgl_jax.losses.group_coherence(pairs='sampled'): r = 3·f pairs; on the
-           CPU a C++ kernel (an XLA loop where it does not build), on a CUDA
-           GPU Pallas kernels, elsewhere two matmuls with the ±1 pair incidence
-           matrix (chosen when compiling for the device).
-  sampled_loop, sampled_cpu_kernel, sampled_matmul, sampled_pallas
-           'sampled' forced to one of the library's implementations of the pair
-           sums (to show why each platform gets the one it gets).
+  sampled  cgl_jax.losses.group_coherence(pairs='sampled'): r = 3·f pairs, with the
+           pair sums that ``--kernels`` names (default 'auto': what
+           `cgl_jax.kernels.select` picks for this device, as the trainer does:
+           C++ kernels on one CPU device where they build, else an XLA loop;
+           Pallas kernels on one CUDA GPU; elsewhere matmuls with the ±1 pair
+           incidence matrix).
+  sampled_jnp, sampled_loop, sampled_matmul, sampled_cpu_ffi, sampled_pallas
+           'sampled' with the named implementation of `cgl_jax.kernels.PAIR_SUMS`
+           (to show why each platform gets the one it gets).
   exact    cgl_jax.losses.group_coherence(pairs='exact'): all f·(f−1) pairs,
            a scan over filter shifts.
   loop     A straightforward port of the authors' approach (PyTorch loop): a
@@ -18,18 +20,19 @@ conv5, per-sample reduction) for three implementations of L_g:
            pair's two maps gathered as separate [B, H, W] tensors. It is jitted
            too (the loops unroll into one XLA program).
 
-L_s is cgl_jax.losses.spatial_concentration in all three, so the differences
-come from L_g. Every variant gets fresh pairs each step (PRNG key folded with
-the step); 'loop' and 'sampled' use the same pairs and must agree in value.
-Compilation (and one warm-up call) is timed separately from the repeats; the
-table reports the median over repeats and the ratios to 'sampled'.
+L_s is cgl_jax.losses.spatial_concentration with the L_s implementation that
+``--kernels`` names, in all of them, so the differences come from L_g. Every
+variant gets fresh pairs each step (PRNG key folded with the step); 'loop' and
+'sampled' use the same pairs and must agree in value. Compilation (and one
+warm-up call) is timed separately from the repeats; the table reports the median
+over repeats and the ratios to 'sampled'.
 
   python3 experiments/bench_losses.py                     # full size
   python3 experiments/bench_losses.py --quick             # small shapes, seconds
   python3 experiments/bench_losses.py --json /tmp/bench.json --repeats 20
+  python3 experiments/bench_losses.py --kernels loop      # the XLA code on the CPU
 """
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -38,6 +41,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cgl_jax import kernels
 from cgl_jax import losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,48 +83,37 @@ def loop_port_group_coherence(psi, num_groups, pair_indices):
 # ----------------------------------------------------------------------------
 
 
-def make_objectives(num_groups):
-  """name → loss(psi, key) = L_g + L_s of one layer."""
+def make_objectives(num_groups, selection: kernels.Selection):
+  """name → loss(psi, key) = L_g + L_s of one layer, with the selected implementations."""
+  per_map = kernels.per_map(selection.per_map)
 
-  def sampled(psi, key):
-    return (losses.group_coherence(psi, num_groups, pairs='sampled', key=key).sum()
-            + losses.spatial_concentration(psi))
+  def concentration(psi):
+    return losses.spatial_concentration(psi, per_map=per_map)
+
+  def sampled_with(pair_sums_name):
+    pair_sums = kernels.pair_sums(pair_sums_name)
+
+    def sampled(psi, key):
+      return (losses.group_coherence(psi, num_groups, pairs='sampled', key=key,
+                                     pair_sums=pair_sums).sum() + concentration(psi))
+    return sampled
 
   def exact(psi, key):
     del key  # all pairs
-    return losses.group_coherence(psi, num_groups, pairs='exact').sum() + (
-        losses.spatial_concentration(psi))
+    return losses.group_coherence(psi, num_groups, pairs='exact').sum() + concentration(psi)
 
   def loop(psi, key):
     group_size = psi.shape[-1] // num_groups
     # Same sampler and key as 'sampled', so both see the same pairs.
     pairs = losses.sample_pairs(key, group_size, 3 * group_size)
-    return (loop_port_group_coherence(psi, num_groups, pairs).sum()
-            + losses.spatial_concentration(psi))
+    return loop_port_group_coherence(psi, num_groups, pairs).sum() + concentration(psi)
 
-  def forced(implementation):
-    def objective(psi, key):
-      with pair_sums(implementation):
-        return sampled(psi, key)
-    return objective
-
-  return {'sampled': sampled, 'exact': exact, 'loop': loop,
-          **{f'sampled_{name}': forced(name) for name in PAIR_SUMS}}
-
-
-# The library's implementations of the 'sampled' pair sums (it picks one per platform).
-PAIR_SUMS = losses.SAMPLED_PAIR_SUMS
-
-
-@contextlib.contextmanager
-def pair_sums(name):
-  """Within the block, functions traced use the named 'sampled' pair-sum implementation."""
-  original = losses._sampled_pair_l1
-  losses._sampled_pair_l1 = losses.grouped_pair_sums(PAIR_SUMS[name])
-  try:
-    yield
-  finally:
-    losses._sampled_pair_l1 = original
+  # Built on first use: a forced implementation may not exist here (e.g. Pallas on a CPU).
+  objectives = {'sampled': lambda: sampled_with(selection.pair_sums), 'exact': lambda: exact,
+                'loop': lambda: loop,
+                **{f'sampled_{name}': (lambda name=name: sampled_with(name))
+                   for name in kernels.PAIR_SUMS}}
+  return objectives
 
 
 # ----------------------------------------------------------------------------
@@ -160,7 +153,7 @@ def time_variant(name, objective, psi, key, *, repeats):
           'value': float(value)}
 
 
-VARIANTS = ('sampled', 'exact', 'loop', *(f'sampled_{name}' for name in PAIR_SUMS))
+VARIANTS = ('sampled', 'exact', 'loop', *(f'sampled_{name}' for name in kernels.PAIR_SUMS))
 NAME_WIDTH = max(map(len, VARIANTS))  # table column
 
 
@@ -175,6 +168,8 @@ def parse_args(argv):
                       help='comma-separated subset of ' + ','.join(VARIANTS))
   parser.add_argument('--quick', action='store_true',
                       help='small shapes ([32, 13, 13, 64], G = 4) for a smoke run')
+  parser.add_argument('--kernels', default='auto', choices=kernels.CHOICES,
+                      help="implementations of 'sampled' and of L_s, as config.cgl.kernels")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', metavar='OUT', help='also write the results here')
   args = parser.parse_args(argv)
@@ -199,15 +194,19 @@ def main(argv=None):
   group_size = args.channels // args.groups
   data_key, key = jax.random.split(jax.random.PRNGKey(args.seed))
   psi = jax.nn.sigmoid(jax.random.normal(data_key, shape, jnp.float32))
+  platform = kernels.current_platform()
+  selection = kernels.resolve(args.kernels, platform=platform, num_devices=jax.device_count(),
+                              dtype=psi.dtype)
   print(f'value_and_grad(L_g + L_s), psi {list(shape)}, G = {args.groups} '
         f'(f = {group_size}, sampled pairs r = {3 * group_size}), '
         f'{args.repeats} repeats on {jax.devices()[0].device_kind} '
-        f'({jax.default_backend()}), jax {jax.__version__}', flush=True)
+        f'({platform}), jax {jax.__version__}; --kernels={args.kernels}: pair sums '
+        f'{selection.pair_sums}, L_s {selection.per_map}', flush=True)
 
-  objectives = make_objectives(args.groups)
+  objectives = make_objectives(args.groups, selection)
   results = {}
   for name in args.variants:
-    results[name] = time_variant(name, objectives[name], psi, key, repeats=args.repeats)
+    results[name] = time_variant(name, objectives[name](), psi, key, repeats=args.repeats)
 
   if 'loop' in results and 'sampled' in results:
     difference = abs(results['loop']['value'] - results['sampled']['value'])
@@ -236,7 +235,8 @@ def main(argv=None):
     write_json_atomic(args.json, {
         'shape': list(shape), 'groups': args.groups, 'repeats': args.repeats,
         'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
-        'jax': jax.__version__, 'results': results})
+        'jax': jax.__version__, 'kernels': args.kernels,
+        'pair_sums': selection.pair_sums, 'per_map': selection.per_map, 'results': results})
     print(f'wrote {args.json}')
   return 0
 

@@ -3,11 +3,11 @@ r"""Benchmark (CUDA only): L_g's sampled pair sums, Pallas kernels vs the ±1 in
     python experiments/bench_pallas_pair_sums.py     # the sizes below, the library's settings
     python experiments/bench_pallas_pair_sums.py --settings=8x4,16x4,4x4,8x2,8x8
 
-Times the vjp (forward + backward) of `cgl_jax.pallas_pair_l1.pallas_pair_l1` and of
-`cgl_jax.losses._matmul_pair_l1` on maps ``[B, HW, G, f]`` with r = 3·f random pairs
+Times the vjp (forward + backward) of `cgl_jax.kernels.pallas.pair_l1` and of
+`cgl_jax.kernels.xla.matmul_pair_l1` on ψ ``[B, HW, G·f]`` with r = 3·f random pairs
 (B = 32, G = 5; HW from 13×13, AlexNet conv4/conv5, to 32×32, ShapesCNN conv2), checks that
 the two agree (max relative difference, float32 rounding), and prints one line per size.
-``--settings`` sweeps the kernels' PAIRS_PER_PROGRAM × NUM_WARPS. Median of ``--repeats``
+``--settings`` sweeps the kernels' pairs_per_program × num_warps. Median of ``--repeats``
 calls after compiling and three warm-up calls.
 
 Measured on an H100 (results/pallas_pair_sums_h100.log, three runs), ms per vjp, matmul → Pallas
@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from cgl_jax import losses
-from cgl_jax import pallas_pair_l1
+from cgl_jax.kernels import pallas
+from cgl_jax.kernels import xla
 
 SIZES = ((169, 51), (169, 76), (256, 51), (576, 51), (1024, 51))  # (HW, f)
 
@@ -39,9 +40,9 @@ def median_ms(fn, *args, repeats: int) -> float:
   return statistics.median(times) * 1e3
 
 
-def vjp_of(pair_sums):
-  def value_and_grad(maps, pairs, cotangent):
-    value, pullback = jax.vjp(lambda m: pair_sums(m, pairs), maps)
+def vjp_of(pair_sums, num_groups, **options):
+  def value_and_grad(x, pairs, cotangent):
+    value, pullback = jax.vjp(lambda m: pair_sums(m, pairs, num_groups=num_groups, **options), x)
     return value, pullback(cotangent)[0]
   return value_and_grad
 
@@ -52,33 +53,31 @@ def main():
   parser.add_argument('--groups', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=30)
   parser.add_argument('--settings',
-                      default=f'{pallas_pair_l1.PAIRS_PER_PROGRAM}x{pallas_pair_l1.NUM_WARPS}',
-                      help='PAIRS_PER_PROGRAMxNUM_WARPS, comma-separated')
+                      default=f'{pallas.PAIRS_PER_PROGRAM}x{pallas.NUM_WARPS}',
+                      help='pairs_per_program x num_warps, comma-separated')
   args = parser.parse_args()
   if jax.default_backend() != 'gpu':
     raise SystemExit(f'bench_pallas_pair_sums.py needs a CUDA GPU; the default backend is '
                      f'{jax.default_backend()!r}.')
   settings = [tuple(int(v) for v in item.split('x')) for item in args.settings.split(',')]
-  defaults = pallas_pair_l1.PAIRS_PER_PROGRAM, pallas_pair_l1.NUM_WARPS
   print(jax.devices()[0].device_kind, 'jax', jax.__version__)
   for positions, group_size in SIZES:
     num_pairs = 3 * group_size
-    maps = jax.random.uniform(jax.random.key(0), (args.batch, positions, args.groups, group_size))
+    x = jax.random.uniform(jax.random.key(0), (args.batch, positions, args.groups * group_size))
     pairs = losses.sample_pairs(jax.random.key(1), group_size, num_pairs)
     cotangent = jax.random.normal(jax.random.key(2), (args.batch, args.groups, num_pairs))
-    reference = jax.jit(vjp_of(losses._matmul_pair_l1))(maps, pairs, cotangent)
-    matmul_ms = median_ms(vjp_of(losses._matmul_pair_l1), maps, pairs, cotangent,
-                          repeats=args.repeats)
+    matmul = vjp_of(xla.matmul_pair_l1, args.groups)
+    reference = jax.jit(matmul)(x, pairs, cotangent)
+    matmul_ms = median_ms(matmul, x, pairs, cotangent, repeats=args.repeats)
     line = (f'[{args.batch}, {positions}, {args.groups}, {group_size}] r={num_pairs}: matmul '
             f'{matmul_ms:.3f} ms')
     for per_program, warps in settings:
-      pallas_pair_l1.PAIRS_PER_PROGRAM, pallas_pair_l1.NUM_WARPS = per_program, warps
-      got = jax.jit(vjp_of(pallas_pair_l1.pallas_pair_l1))(maps, pairs, cotangent)
+      kernel = vjp_of(pallas.pair_l1, args.groups, pairs_per_program=per_program,
+                      num_warps=warps)
+      got = jax.jit(kernel)(x, pairs, cotangent)
       error = max(float(jnp.abs(a - b).max() / jnp.abs(a).max()) for a, b in zip(reference, got))
-      ms = median_ms(vjp_of(pallas_pair_l1.pallas_pair_l1), maps, pairs, cotangent,
-                     repeats=args.repeats)
+      ms = median_ms(kernel, x, pairs, cotangent, repeats=args.repeats)
       line += f', pallas[{per_program}x{warps}] {ms:.3f} ms (rel. diff {error:.0e})'
-    pallas_pair_l1.PAIRS_PER_PROGRAM, pallas_pair_l1.NUM_WARPS = defaults
     print(line, flush=True)
 
 

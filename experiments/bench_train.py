@@ -18,10 +18,10 @@ the ce time. The verdict uses the per-round ratios: a distribution-free confiden
 their median (binomial order statistics, ≥ 90 % where the number of rounds allows; 15 rounds: the
 2nd and 14th smallest, 96 %) is `met` when it lies at or under 1.10, `missed` when over.
 
-`--pair_sums=loop,cpu_kernel,matmul,pallas` adds one full CGL step kind per named implementation of
-the sampled pair sums in L_g (e.g. `cgl[matmul]`), forced instead of the one the library picks for
-the device (`experiments/bench_losses.py` lists them). `--without_cpu_kernels` adds `cgl[xla]`,
-the full CGL step traced with losses' XLA code instead of the C++ CPU kernels (cgl_jax.cpu_kernels).
+The CGL step uses the config's `cgl.kernels` ('auto': the implementations the trainer picks for
+the device; `--kernels` sets another). `--compare_kernels=loop,matmul,...` adds one full CGL step
+kind per named value of `cgl.kernels` (e.g. `cgl[loop]`: the XLA loop for L_g's pair sums and the
+jax.numpy L_s, which is what 'auto' falls back to on a CPU without a C++ compiler).
 
 `--breakdown` adds one step kind per active CGL term, cross-entropy + that term alone (e.g. `l_g`),
 to show where the cost of the full step comes from, and every kind's XLA cost estimate (GFLOP and
@@ -34,14 +34,15 @@ Measured (CGL / CE step time, batch 32; JSON in results/). Each round times ce a
 back, so the per-round ratio's range is printed too: on this shared machine it spans ±5 %.
   2-core CPU, 2 threads, wall clock (--repeats 15), this code (C++ CPU kernels for L_g's pair sums
     and L_s): ShapesCNN 1.053 (round median 1.055, 96 % interval 1.042–1.073, rounds 1.03–1.12),
-    AlexNet 1.001; in a second run with --without_cpu_kernels --repeats 9: ShapesCNN 1.045, the
-    XLA code 1.106. Earlier code, XLA loops: ShapesCNN 1.10 (rounds 1.07–1.15), AlexNet 1.03;
+    AlexNet 1.001; in a second run with --compare_kernels=loop (then --without_cpu_kernels)
+    --repeats 9: ShapesCNN 1.045, the XLA code (cgl[loop]) 1.106. Earlier code, XLA loops:
+    ShapesCNN 1.10 (rounds 1.07–1.15), AlexNet 1.03;
   1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2), this code:
     ShapesCNN 1.044 (R_bn alone 0.99, L_g 1.02, L_s 1.02), AlexNet 1.004; XLA loops: ShapesCNN 1.12
     (1.02, 1.10, 1.05), AlexNet 1.02–1.04. R_bn alone adds no measurable work, so its 0.99–1.02
     shows this machine's run-to-run noise;
-  H200 (--breakdown --pair_sums=matmul --repeats 5 --steps 20 --warmup 3), Pallas pair sums (the GPU
-    path is unchanged since): ShapesCNN
+  H200 (--breakdown --compare_kernels=matmul (then --pair_sums) --repeats 5 --steps 20
+    --warmup 3), Pallas pair sums (the GPU path is unchanged since): ShapesCNN
     1.46 (0.73 → 1.06 ms; R_bn 1.00, L_g 1.29, L_s 1.25), cgl[matmul] 1.83; AlexNet (with 13×13
     row chunks of 64 since reverted) 1.18, cgl[matmul] 1.16;
   H100, same command, before the R_bn reordering, Pallas pair sums:
@@ -53,7 +54,6 @@ back, so the per-round ratio's range is printed too: on this shared machine it s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -64,10 +64,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgl_jax import default_config, losses, models, regularize, train
+from cgl_jax import default_config, kernels, models, regularize, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_losses import PAIR_SUMS, pair_sums  # pylint: disable=g-import-not-at-top
 from results_io import write_json_atomic  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,9 +77,11 @@ MODELS = {  # name → (config file, variant)
 }
 
 
-def load_config(name: str, *, batch_size: int, dtype: str = 'float32'):
+def load_config(name: str, *, batch_size: int, dtype: str = 'float32',
+                cgl_kernels: str = 'auto'):
   path, variant = MODELS[name]
   config = default_config.load_config_file(f'{os.path.join(REPO, path)}:{variant}')
+  config.cgl.kernels = cgl_kernels
   config.batch_size = batch_size
   config.model.dtype = dtype
   config.optimizer.weight_decay = 0.0  # both steps alike: only the objective differs
@@ -178,42 +179,34 @@ def target_verdict(round_ratios) -> str:
   return 'on the line'
 
 
-WITHOUT_CPU_KERNELS = 'cgl[xla]'
-
-
-@contextlib.contextmanager
-def without_cpu_kernels():
-  """Within the block, functions traced use losses' XLA code on the CPU, not cgl_jax.cpu_kernels."""
-  original = losses._cpu_kernel_module
-  losses._cpu_kernel_module = lambda: None
-  try:
-    yield
-  finally:
-    losses._cpu_kernel_module = original
-
-
 def bench_model(name: str, args) -> dict:
-  config = load_config(name, batch_size=args.batch_size, dtype=args.dtype)
+  config = load_config(name, batch_size=args.batch_size, dtype=args.dtype,
+                       cgl_kernels=args.kernels)
   configs = {'ce': ce_only(config), 'cgl': config}
   if args.breakdown:
     configs.update({term: ce_only(config, keep=(term,))
                     for term in regularize.active_terms(config.cgl)})
-  forced = {f'cgl[{name}]': name for name in args.pair_sums}
-  configs.update({kind: config for kind in forced})
-  if args.without_cpu_kernels:
-    configs[WITHOUT_CPU_KERNELS] = config
+  for kernels_name in args.compare_kernels:
+    forced = config.copy_and_resolve_references()
+    forced.cgl.kernels = kernels_name
+    configs[f'cgl[{kernels_name}]'] = forced
+  kernels_used = {}  # kind → config.cgl.kernels and the implementations it stands for here
+  for kind, kind_config in configs.items():
+    if regularize.needs_intermediates(kind_config.cgl):
+      resolved = regularize.resolve_kernels(kind_config.cgl)
+      kernels_used[kind] = {'config': kind_config.cgl.kernels,
+                            'pair_sums': resolved.pair_sums_name, 'per_map': resolved.per_map_name}
+      print(f'  {name} {kind}: kernels={kind_config.cgl.kernels!r}: L_g pair sums '
+            f'{resolved.pair_sums_name}, L_s per-map {resolved.per_map_name}', flush=True)
   clock = CLOCKS[args.clock]
   runners, costs = {}, {}
   for kind, kind_config in configs.items():
     step, state, batch, key = build_step(kind_config)
     runners[kind] = dict(step=step, state=state, batch=batch, key=key)
     start = time.perf_counter()
-    # jit traces on the first call: force the pair sums there (and for the cost estimate).
-    with (pair_sums(forced[kind]) if kind in forced else
-          without_cpu_kernels() if kind == WITHOUT_CPU_KERNELS else contextlib.nullcontext()):
-      if args.breakdown:
-        costs[kind] = cost_estimate(step, state, batch, key)
-      run_steps(runners[kind], 1)  # compile
+    if args.breakdown:
+      costs[kind] = cost_estimate(step, state, batch, key)
+    run_steps(runners[kind], 1)  # compile
     print(f'  {name} {kind}: compiled in {time.perf_counter() - start:.1f} s' + (
         f'; XLA estimate {costs[kind]["gflops"]:.2f} GFLOP, {costs[kind]["gbytes"]:.3f} GB'
         if kind in costs else ''), flush=True)
@@ -233,6 +226,7 @@ def bench_model(name: str, args) -> dict:
       'dtype': args.dtype,
       'image_size': config.dataset.image_size, 'cgl_terms': list(regularize.active_terms(config.cgl)),
       'cgl_layers': list(config.cgl.layers), 'pairs': config.cgl.pairs,
+      'kernels': kernels_used,
       'seconds_per_step': median, 'all_seconds_per_step': times,
       'images_per_second': {kind: args.batch_size / value for kind, value in median.items()},
       'cgl_over_ce_time': median['cgl'] / median['ce'], 'clock': args.clock,
@@ -259,21 +253,21 @@ def main(argv=None) -> int:
                       help='also time ce + each active CGL term alone; print XLA cost estimates')
   parser.add_argument('--clock', default='wall', choices=sorted(CLOCKS),
                       help='wall time, or this process\'s CPU time (less noisy on a shared machine)')
-  parser.add_argument('--pair_sums', default='',
-                      help=f'comma-separated, from {sorted(PAIR_SUMS)}: also time the full CGL '
-                      'step with these sampled-pair implementations forced')
-  parser.add_argument('--without_cpu_kernels', action='store_true',
-                      help=f'also time the full CGL step with the XLA code instead of the C++ CPU '
-                      f'kernels (kind {WITHOUT_CPU_KERNELS})')
+  parser.add_argument('--kernels', default='auto', choices=kernels.CHOICES,
+                      help='config.cgl.kernels of the CGL step')
+  parser.add_argument('--compare_kernels', default='',
+                      help=f'comma-separated, from {kernels.CHOICES}: also time the full CGL step '
+                      'with each of these config.cgl.kernels values (kinds cgl[<name>])')
   parser.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = parser.parse_args(argv)
   for flag, low in (('steps', 1), ('repeats', 1), ('warmup', 0), ('batch_size', 1)):
     if getattr(args, flag) < low:
       parser.error(f'--{flag} must be >= {low}; got {getattr(args, flag)}')
-  args.pair_sums = [name.strip() for name in args.pair_sums.split(',') if name.strip()]
-  if sorted(set(args.pair_sums) - set(PAIR_SUMS)):
-    parser.error(f'unknown --pair_sums {sorted(set(args.pair_sums) - set(PAIR_SUMS))}; '
-                 f'choose from {sorted(PAIR_SUMS)}')
+  args.compare_kernels = [name.strip() for name in args.compare_kernels.split(',')
+                          if name.strip()]
+  unknown = sorted(set(args.compare_kernels) - set(kernels.CHOICES))
+  if unknown:
+    parser.error(f'unknown --compare_kernels {unknown}; choose from {kernels.CHOICES}')
   names = [name.strip() for name in args.models.split(',') if name.strip()]
   unknown = [name for name in names if name not in MODELS]
   if unknown:
@@ -296,7 +290,7 @@ def main(argv=None) -> int:
           f'{result["cgl_over_ce_time"]:12.3f} {statistics.median(rounds):7.3f} '
           f'[{interval["low"]:.3f}, {interval["high"]:.3f}] {min(rounds):6.3f}–{max(rounds):.3f}  '
           f'{result["target"]} ({interval["coverage"]:.0%} interval)')
-  if args.breakdown or args.pair_sums or args.without_cpu_kernels:
+  if args.breakdown or args.compare_kernels:
     print(f'\n{"model":14s} {"step":12s} {"ms/step":>9s} {"/ce time":>9s} {"GFLOP":>8s} {"GB":>7s}')
     for result in results:
       for kind, seconds in result['seconds_per_step'].items():

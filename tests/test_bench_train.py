@@ -1,14 +1,11 @@
-"""experiments/bench_train.py: the target verdict, the XLA-only kind and tiny end-to-end runs."""
+"""experiments/bench_train.py: the target verdict, the kernel kinds and tiny end-to-end runs."""
 import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from cgl_jax import cpu_kernels
-from cgl_jax import losses
+from cgl_jax import kernels
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'experiments'))
@@ -54,18 +51,22 @@ def test_bad_counts_are_rejected_by_name(flag, capsys):
   assert f'--{flag[2:].split("=")[0]} must be >=' in capsys.readouterr().err
 
 
-def test_without_cpu_kernels_traces_the_xla_code():
-  x = jnp.zeros((2, 4, 4, 6))
-  with bench_train.without_cpu_kernels():
-    assert not losses._use_cpu_kernels(x)
-    lowered = jax.jit(lambda p: losses.spatial_concentration(p)).lower(x).as_text()
-  assert 'CglSpatialConcentration' not in lowered
-  assert losses._use_cpu_kernels(x) == cpu_kernels.available()  # restored
-
-
-def test_without_cpu_kernels_adds_a_timed_kind(tmp_path):
+def test_compare_kernels_adds_a_timed_kind_per_value(tmp_path, capsys):
   out = tmp_path / 'bench.json'
   assert bench_train.main(['--models=shapes_small', '--batch_size=4', '--steps=1', '--warmup=0',
-                           '--repeats=1', '--without_cpu_kernels', f'--json={out}']) == 0
+                           '--repeats=1', '--kernels=jnp', '--compare_kernels=loop',
+                           f'--json={out}']) == 0
   result, = json.loads(out.read_text())['results']
-  assert set(result['seconds_per_step']) == {'ce', 'cgl', bench_train.WITHOUT_CPU_KERNELS}
+  assert set(result['seconds_per_step']) == {'ce', 'cgl', 'cgl[loop]'}
+  assert result['kernels'] == {
+      'cgl': {'config': 'jnp', 'pair_sums': 'jnp', 'per_map': 'jnp'},
+      'cgl[loop]': {'config': 'loop', 'pair_sums': 'loop', 'per_map': 'jnp'}}
+  assert "cgl[loop]: kernels='loop': L_g pair sums loop, L_s per-map jnp" in (
+      capsys.readouterr().out)
+
+
+def test_unknown_kernels_are_rejected_by_name(capsys):
+  with pytest.raises(SystemExit):
+    bench_train.main(['--models=shapes_small', '--compare_kernels=fast'])
+  assert f"unknown --compare_kernels ['fast']; choose from {kernels.CHOICES}" in (
+      capsys.readouterr().err)

@@ -1,4 +1,8 @@
-"""cgl_jax.losses: analytic values, gradients, numerical safety, dtypes, errors."""
+"""cgl_jax.losses (its own jax.numpy code): analytic values, gradients, safety, dtypes, errors.
+
+tests/test_kernels.py runs the group-coherence and L_s tests through every implementation
+of `cgl_jax.kernels`.
+"""
 import functools
 import re
 
@@ -8,9 +12,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from cgl_jax import cpu_kernels
 from cgl_jax import losses
-from cgl_jax import pallas_pair_l1
 
 
 def uniform(seed, shape, low=0.0, high=1.0):
@@ -150,22 +152,6 @@ def test_soft_masks_bn_is_sigmoid_of_y_over_gamma(maybe_jit):
                              rtol=1e-6)
 
 
-def pair_sums_here(name):
-  """The named 'sampled' pair-sum implementation, runnable on this CPU.
-
-  The Pallas kernels run in Pallas' interpreter here; the GPU runs compile them
-  with Triton (experiments/README.md has the GPU checks).
-  """
-  if name == 'pallas':
-    return functools.partial(pallas_pair_l1.pallas_pair_l1, interpret=True)
-  if name == 'cpu_kernel' and not cpu_kernels.available():
-    pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
-  return losses.SAMPLED_PAIR_SUMS[name]
-
-
-FLOAT64_PAIR_SUMS = sorted(set(losses.SAMPLED_PAIR_SUMS) - {'pallas'})
-
-
 # ----------------------------------------------------------------------------
 # Gradients (finite differences in float64).
 # ----------------------------------------------------------------------------
@@ -178,133 +164,58 @@ def _check_rev_grads(fn, *args):
     check_grads(jax.jit(fn), args, order=1, modes=['rev'], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('options, pair_l1_implementation', [
-    (options, implementation) for options in coherence_variants(2, 3)
-    # 'exact' does not use the pair sums: run it once. The Pallas kernels compute in
-    # float32, too coarse for float64 finite differences: the autodiff test below covers them.
-    for implementation in (FLOAT64_PAIR_SUMS if options['pairs'] == 'sampled' else ['loop'])
-], ids=lambda value: variant_id(value) if isinstance(value, dict) else value, indirect=[
-    'pair_l1_implementation'])
-def test_group_coherence_gradient_matches_finite_differences(options, pair_l1_implementation):
+@pytest.mark.parametrize('options', coherence_variants(2, 3), ids=variant_id)
+def test_group_coherence_gradient_matches_finite_differences(options):
   psi = uniform(4, (2, 3, 3, 7), 0.05, 0.95)
   _check_rev_grads(lambda x: losses.group_coherence(x, 2, **options), psi)
 
 
-# The implementations of the 'sampled' pair sums: the CPU loop, the CUDA Pallas
-# kernels and the matmuls. All run here (on the CPU) by patching the dispatcher.
-@pytest.fixture(params=sorted(losses.SAMPLED_PAIR_SUMS))
-def pair_l1_implementation(request, monkeypatch):
-  monkeypatch.setattr(losses, '_sampled_pair_l1',
-                      losses.grouped_pair_sums(pair_sums_here(request.param)))
-  return request.param
+@pytest.mark.parametrize('options', coherence_variants(2, 3), ids=variant_id)
+def test_forward_mode_agrees_with_reverse_mode(options):
+  """The jax.numpy code has ordinary derivatives: jvp = vjp (also for L_s)."""
+  with jax.enable_x64(True):
+    psi = jnp.asarray(uniform(13, (2, 3, 3, 7), 0.05, 0.95), jnp.float64)
+    tangent = jnp.asarray(uniform(14, psi.shape, -1.0, 1.0), jnp.float64)
+    readout = jnp.array([0.7, -1.3])
+    for fn in (lambda x: losses.group_coherence(x, 2, **options) @ readout,
+               losses.spatial_concentration):
+      _, forward = jax.jvp(fn, (psi,), (tangent,))
+      reverse = jnp.vdot(jax.grad(fn)(psi), tangent)
+      np.testing.assert_allclose(forward, reverse, rtol=1e-10)
 
 
-def _lowered_text(fn, platform, *args):
-  # Neither the Triton nor our CPU kernel's custom call has an export compatibility
-  # guarantee; we only read the text.
-  kernels = [jax.export.DisabledSafetyCheck.custom_call(name) for name in (
-      '__gpu$xla.gpu.triton', *[name for by_dtype in cpu_kernels.TARGETS.values()
-                                for pair in by_dtype.values() for name in pair])]
-  # A fresh function each time: jit's trace cache must not reuse another case's trace.
-  return jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=[platform],
-                           disabled_checks=kernels)(*args).mlir_module()
+def test_pair_sums_and_per_map_replace_the_inner_pieces(maybe_jit):
+  """The functions receive what their contracts say, and their results are used."""
+  psi = jnp.asarray(uniform(15, (2, 3, 4, 7)))  # G = 2, f = 3, one free channel
+  pairs = jnp.array([(0, 1), (2, 0)], jnp.int32)
+  seen = {}
 
+  def doubled_pair_sums(x, pair_indices, *, num_groups):
+    seen['pair_sums'] = (x.shape, x.dtype, pair_indices.shape, num_groups)
+    return 2 * losses.pair_l1_sums(x, pair_indices, num_groups=num_groups)
 
-@pytest.mark.parametrize('platform, dtype, devices, implementation', [
-    ('cpu', 'float32', 1, 'cpu_kernel'), ('cpu', 'float64', 1, 'cpu_kernel'),
-    ('cpu', 'float32', 8, 'loop'), ('cuda', 'float32', 1, 'pallas'),
-    ('cuda', 'float64', 1, 'matmul'), ('cuda', 'float32', 8, 'matmul'),
-    ('rocm', 'float32', 1, 'matmul'), ('tpu', 'float32', 1, 'matmul')])
-def test_sampled_pair_sums_are_lowered_per_platform(platform, dtype, devices, implementation,
-                                                    monkeypatch):
-  """Value and gradient of the 'sampled' sums lower to the implementation meant for the device.
+  def doubled_per_map(x, eps):
+    seen['per_map'] = (x.shape, eps)
+    return 2 * losses.spatial_concentration_maps(x, eps)
 
-  jax.export lowers for a platform this machine does not have; the device count
-  is patched (several devices: the loop or the matmuls, which XLA partitions
-  over the batch).
-  """
-  if implementation == 'cpu_kernel' and not cpu_kernels.available():
-    pytest.skip('the C++ CPU kernel does not build here (no compiler?)')
-  monkeypatch.setattr(jax, 'device_count', lambda: devices)
-  with jax.enable_x64(dtype == 'float64'):
-    psi = jnp.asarray(uniform(12, (3, 20, 13)), dtype)  # [B, HW, C]: G = 2, f = 6, one free
-    pairs = jnp.array([(0, 5), (5, 0), (2, 3)], jnp.int32)
-    forward, backward = cpu_kernels.TARGETS['PairL1'][jnp.dtype(dtype)]
-    pair_sums = functools.partial(losses._sampled_pair_l1, num_groups=2)
-    for fn, target in ((pair_sums, forward), (
-        jax.grad(lambda m, p: jnp.sum(pair_sums(m, p) ** 2)), backward)):
-      module = _lowered_text(fn, platform, psi, pairs)
-      assert ('stablehlo.dot_general' in module) == (implementation == 'matmul'), platform
-      assert ('xla.gpu.triton' in module) == (implementation == 'pallas'), platform
-      assert (f'@{target}(' in module) == (implementation == 'cpu_kernel'), platform
-      if implementation != 'pallas':  # (jax 0.11's Pallas lowering has loops of its own)
-        assert ('stablehlo.while' in module) == (implementation == 'loop'), platform
-
-
-def test_cpu_falls_back_to_the_loop_without_the_kernel(monkeypatch):
-  """Where the C++ kernel does not build (or is switched off), the CPU gets the XLA loop."""
-  monkeypatch.setattr(losses, '_cpu_kernel_module', lambda: None)
-  psi = jnp.asarray(uniform(12, (3, 20, 12)))
-  pairs = jnp.array([(0, 5), (2, 3)], jnp.int32)
-  module = _lowered_text(functools.partial(losses._sampled_pair_l1, num_groups=2), 'cpu', psi,
-                         pairs)
-  assert 'stablehlo.while' in module and 'CglPairL1' not in module
-  with pytest.raises(ImportError, match='did not build or load here'):
-    losses._cpu_kernel_pair_l1(psi.reshape(3, 20, 2, 6), pairs)
-
-
-def test_cuda_falls_back_to_the_matmuls_without_pallas(monkeypatch):
-  """A jaxlib without Pallas' Triton bindings still traces and lowers 'sampled' everywhere."""
-  monkeypatch.setattr(losses, '_pallas_module', lambda: None)
-  psi = jnp.asarray(uniform(12, (3, 20, 12)))
-  pairs = jnp.array([(0, 5), (2, 3)], jnp.int32)
-  assert 'stablehlo.dot_general' in _lowered_text(
-      functools.partial(losses._sampled_pair_l1, num_groups=2), 'cuda', psi, pairs)
-  with pytest.raises(ImportError, match='need jax.experimental.pallas.triton'):
-    losses._pallas_pair_l1(psi.reshape(3, 20, 2, 6), pairs)
-
-
-@pytest.mark.parametrize('dtype', ['float32', 'float64'])
-def test_identity_outside_ynnpack_is_exact_for_every_value(dtype, maybe_jit):
-  info = np.finfo(dtype)
-  rng = np.random.default_rng(0)
-  exponents = rng.integers(info.minexp // 4, info.maxexp // 4, 500)  # decimal ~ binary / 3.3
-  values = (rng.normal(size=500) * 10.0 ** exponents).astype(dtype)
-  values = np.concatenate([values, np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, info.tiny,
-                                             info.smallest_subnormal, info.max], dtype)])
-  with jax.enable_x64(dtype == 'float64'):
-    x = jnp.asarray(values, dtype)
-    np.testing.assert_array_equal(maybe_jit(losses._identity_outside_ynnpack)(x), x)
-
-
-def test_incidence_list_is_sorted_by_filter_and_covers_each_pair_twice():
-  pairs = jnp.array([(3, 0), (1, 3), (3, 0), (2, 1)], jnp.int32)
-  starts, owner, other, pair = map(np.asarray, losses._pair_incidences(pairs, 5))
-  np.testing.assert_array_equal(starts, [0, 2, 4, 5, 8, 8])  # filter 4 has no pair
-  listed = {(filter_index, int(other[e]), int(pair[e]))
-            for filter_index in range(5) for e in range(starts[filter_index],
-                                                         starts[filter_index + 1])}
-  want = {(int(i), int(j), k) for k, (i, j) in enumerate(np.asarray(pairs))}
-  want |= {(j, i, k) for i, j, k in want}
-  assert listed == want and len(other) == 8
-  np.testing.assert_array_equal(owner, [0, 0, 1, 1, 2, 3, 3, 3])
-  # Stable: within a filter, the pairs where it is first, then those where it is second.
-  np.testing.assert_array_equal(pair, [0, 2, 1, 3, 3, 0, 2, 1])
-
-
-@pytest.mark.parametrize('implementation', sorted(losses.SAMPLED_PAIR_SUMS))
-def test_sampled_pair_sum_implementations_agree_with_a_hand_computation(implementation):
-  maps = jnp.asarray(uniform(12, (3, 20, 2, 6)))  # [B, HW, G, f]
-  pairs = jnp.array([(0, 5), (5, 0), (2, 3), (2, 3), (4, 1)], jnp.int32)
-  by_hand = np.abs(np.asarray(maps)[..., [0, 5, 2, 2, 4]] - np.asarray(maps)[..., [5, 0, 3, 3, 1]]
-                   ).sum(1)
-  np.testing.assert_allclose(pair_sums_here(implementation)(maps, pairs), by_hand, rtol=1e-6)
+  got = maybe_jit(lambda x: losses.group_coherence(
+      x, 2, pairs='sampled', pair_indices=pairs, pair_sums=doubled_pair_sums))(psi)
+  assert seen['pair_sums'] == ((2, 12, 7), jnp.float32, (2, 2), 2)
+  # D = 2d / (a + b + d) with d doubled, by hand from the per-image L1 norms.
+  grouped = np.asarray(psi).reshape(2, 12, 7)[..., :6].reshape(2, 12, 2, 3)
+  first, second = grouped[..., [0, 2]], grouped[..., [1, 0]]
+  diff = 2 * np.abs(first - second).sum(1)
+  want = (2 * diff / (np.abs(first).sum(1) + np.abs(second).sum(1) + diff)).mean((0, 2))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  got = maybe_jit(lambda x: losses.spatial_concentration(x, eps=0.01,
+                                                          per_map=doubled_per_map))(psi)
+  assert seen['per_map'] == ((2, 3, 4, 7), 0.01)
+  np.testing.assert_allclose(got, 2 * losses.spatial_concentration(psi, eps=0.01), rtol=1e-6)
 
 
 @pytest.mark.parametrize('reduction', losses.REDUCTIONS)
-def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction,
-                                                                   pair_l1_implementation):
-  """The hand-written backward of 'sampled' (each implementation) = autodiff of D on gathered maps.
+def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction):
+  """The gradient of 'sampled' = autodiff of D on gathered maps.
 
   With repeated pairs, both orders of a pair, and two tied filters (|p − q| has
   derivative sign(0) = 0 there, as for jnp.abs), where finite differences do not apply.
@@ -320,13 +231,13 @@ def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction,
         axis=1 if reduction == 'per_sample' else (0, 1))  # [B, G, r] or [G, r]
     return distance.mean(-1) if reduction == 'pooled' else distance.mean((0, 2))
 
-  def loop(x):
+  def sampled(x):
     return losses.group_coherence(x, 2, pairs='sampled', pair_indices=pairs,
                                   reduction=reduction)
 
   readout = jnp.array([0.7, -1.3])
   want_value, want_grad = jax.value_and_grad(lambda x: gathered_formula(x) @ readout)(psi)
-  got_value, got_grad = jax.jit(jax.value_and_grad(lambda x: loop(x) @ readout))(psi)
+  got_value, got_grad = jax.jit(jax.value_and_grad(lambda x: sampled(x) @ readout))(psi)
   np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
   assert np.any(got_grad[..., :2] != 0)  # the tied pair's other terms still flow
@@ -503,8 +414,11 @@ def test_errors_name_the_argument_and_shapes():
     losses.group_coherence(psi, 2, pairs='sampled')
   with _raises('num_pairs must be a positive integer; got 0.'):
     losses.group_coherence(psi, 2, pairs='sampled', key=jax.random.PRNGKey(0), num_pairs=0)
-  with _raises("num_pairs and pair_indices apply to pairs='sampled' only; got num_pairs=4"):
+  with _raises("num_pairs, pair_indices and pair_sums apply to pairs='sampled' only; got "
+               "num_pairs=4, pair_indices None, pair_sums None with pairs='exact'."):
     losses.group_coherence(psi, 2, num_pairs=4)
+  with _raises("got num_pairs=None, pair_indices None, pair_sums given with pairs='exact'."):
+    losses.group_coherence(psi, 2, pair_sums=losses.pair_l1_sums)
   with _raises('pair_indices must have shape [r, 2] with r >= 1; got shape (3,).'):
     losses.group_coherence(psi, 2, pairs='sampled', pair_indices=jnp.zeros(3, jnp.int32))
   with _raises('pair_indices must be integers; got dtype float32.'):

@@ -1,4 +1,4 @@
-"""cgl_jax.losses with `axis_name` on 8 simulated CPU devices, and its import surface.
+"""cgl_jax.losses with `axis_name` on 8 simulated CPU devices (all kernels), and its imports.
 
 Each test runs in a subprocess (conftest.run_python): the device count must be
 set before jax is imported.
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from cgl_jax import losses
+from cgl_jax import kernels, losses
 
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
@@ -58,6 +58,39 @@ for name, options in variants.items():
                                        out_specs=P())))(psi_sharded)
   want = jax.grad(lambda x: coherence(x, **options).sum())(psi)
   errors[f'shard_map/grad/{name}'] = max_error(got, want)
+# Every implementation of the sampled pair sums and of L_s under shard_map, value and gradient.
+for name in kernels.PAIR_SUMS:
+  if not kernels.available(name):
+    continue
+  pair_sums = kernels.pair_sums(name, interpret=name == 'pallas')
+  # Pallas' interpreter (not its compiled kernels) fails shard_map's check of varying axes.
+  check_vma = name != 'pallas'
+  for reduction in losses.REDUCTIONS:
+    options = dict(pairs='sampled', key=key, reduction=reduction, pair_sums=pair_sums)
+    want = coherence(psi, **variants[f'sampled-{reduction}'])
+    got = jax.jit(jax.shard_map(lambda x: coherence(x, 'data', **options), mesh=mesh,
+                                in_specs=P('data'), out_specs=P(), check_vma=check_vma))(
+                                    psi_sharded)
+    errors[f'shard_map/{name}/sampled-{reduction}'] = max_error(got, want)
+    loss = lambda x: coherence(x, 'data', **options).sum()
+    got = jax.jit(jax.grad(jax.shard_map(loss, mesh=mesh, in_specs=P('data'),
+                                         out_specs=P(), check_vma=check_vma)))(psi_sharded)
+    want = jax.grad(lambda x: coherence(x, **variants[f'sampled-{reduction}']).sum())(psi)
+    errors[f'shard_map/grad/{name}/sampled-{reduction}'] = max_error(got, want)
+for name in kernels.PER_MAP:
+  if not kernels.available(name):
+    continue
+  per_map = kernels.per_map(name)
+  def concentration(x):
+    return jax.lax.pmean(losses.spatial_concentration(x, per_map=per_map), 'data')
+  got = sharded(concentration, P())(psi_sharded)
+  errors[f'shard_map/{name}/spatial_concentration'] = max_error(
+      got, losses.spatial_concentration(psi))
+  got = jax.jit(jax.grad(jax.shard_map(concentration, mesh=mesh, in_specs=P('data'),
+                                       out_specs=P())))(psi_sharded)
+  errors[f'shard_map/grad/{name}/spatial_concentration'] = max_error(
+      got, jax.grad(losses.spatial_concentration)(psi))
+errors['available'] = [name for name in kernels.PAIR_SUMS if kernels.available(name)]
 # End to end: soft masks and coherence of the global batch from raw pre-activations.
 got = sharded(lambda a: coherence(losses.soft_masks(a, axis_name='data'), 'data'), P())(preact_sharded)
 errors['shard_map/soft_masks+exact'] = max_error(got, coherence(psi))
@@ -71,7 +104,11 @@ print(json.dumps(errors))
 def test_axis_name_statistics_equal_the_full_batch_on_8_devices():
   proc = run_python(_DISTRIBUTED, num_devices=8)
   errors = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(errors) == 16, errors  # 2 × soft_masks, 3 × 4 coherence variants, 2 more
+  available = errors.pop('available')
+  assert set(available) >= {'jnp', 'loop', 'matmul', 'pallas'}, available
+  per_map = 2 if 'cpu_ffi' in available else 1
+  # 2 × soft_masks, 3 × 4 coherence variants, 2 more; 4 per pair sums, 2 per L_s.
+  assert len(errors) == 16 + 4 * len(available) + 2 * per_map, sorted(errors)
   failures = {name: error for name, error in errors.items() if not error <= 1e-5}
   assert not failures, failures
 

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cgl_jax import models, regularize
+from cgl_jax import kernels, models, regularize
 from cgl_jax.models.layers import ConvLayer
 
 _RNG = np.random.default_rng(0)
@@ -188,3 +188,46 @@ def test_missing_sown_layer_is_named(shapes_forward):
     regularize.cgl_terms(_cgl_config(), params=params, intermediates=sown,
                          conv_layers=model.conv_layers(), key=jax.random.key(0),
                          terms=('l_x',))
+
+
+def test_resolve_kernels_names_and_logs_the_choice(caplog):
+  auto = kernels.select('cpu', num_devices=1, dtype=jnp.float32)
+  with caplog.at_level('INFO'):
+    resolved = regularize.resolve_kernels(_cgl_config(kernels='auto'), platform='cpu',
+                                          num_devices=1)
+  assert (resolved.pair_sums_name, resolved.per_map_name) == (auto.pair_sums, auto.per_map)
+  assert resolved.pair_sums is kernels.pair_sums(auto.pair_sums)
+  assert (f'L_g pair sums: {auto.pair_sums} on cpu; L_s per-map: {auto.per_map}'
+          in caplog.text)
+  several = regularize.resolve_kernels(_cgl_config(kernels='auto'), platform='cpu',
+                                       num_devices=8)
+  assert (several.pair_sums_name, several.per_map_name) == ('loop', 'jnp')
+  tpu = regularize.resolve_kernels(_cgl_config(), platform='tpu', num_devices=4)  # no field
+  assert (tpu.pair_sums_name, tpu.per_map_name) == ('matmul', 'jnp')
+  named = regularize.resolve_kernels(_cgl_config(kernels='matmul'))
+  assert named.pair_sums is kernels.pair_sums('matmul') and named.per_map_name == 'jnp'
+  with pytest.raises(ValueError, match="unknown kernel implementation 'fast'"):
+    regularize.resolve_kernels(_cgl_config(kernels='fast'))
+
+
+@pytest.mark.parametrize('name', kernels.PAIR_SUMS)
+def test_terms_are_the_same_with_every_kernel(shapes_forward, name):
+  if not kernels.available(name):
+    pytest.skip(f'{name!r} is not available here')
+  model, params, sown = shapes_forward
+  layers = model.conv_layers()
+  config = _cgl_config(pairs='sampled', layers=('conv2',), num_groups=2, kernels=name)
+  resolved = (regularize.resolve_kernels(config) if name != 'pallas' else regularize.Kernels(
+      'pallas', 'jnp', kernels.pair_sums('pallas', interpret=True), kernels.per_map('jnp')))
+
+  def terms(kernels_to_use):
+    return jax.jit(jax.value_and_grad(lambda s: regularize.weighted_sum(
+        config, regularize.cgl_terms(config, params=params, intermediates=s, conv_layers=layers,
+                                     key=jax.random.key(3), kernels=kernels_to_use))))(sown)
+
+  want_value, want_grad = terms(None)
+  got_value, got_grad = terms(resolved)
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
+  for name_of_layer in want_grad:
+    np.testing.assert_allclose(got_grad[name_of_layer], want_grad[name_of_layer], rtol=1e-4,
+                               atol=1e-7)

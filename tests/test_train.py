@@ -266,6 +266,8 @@ def test_eight_devices_match_one_device(data_dir, tmp_path, python_subprocess):
      'G must be <= C'),
     ({'cgl.lambda_g': -0.1}, 'config.cgl.lambda_g must be >= 0, got -0.1'),
     ({'cgl.pairs': 'all'}, "config.cgl.pairs must be one of ('sampled', 'exact'), got 'all'"),
+    ({'cgl.kernels': 'fast'}, "config.cgl.kernels must be one of ('auto', 'jnp', 'loop', "
+                              "'matmul', 'cpu_ffi', 'pallas'), got 'fast'"),
 ])
 def test_bad_config_fails_before_compiling(overrides, message, tmp_path, monkeypatch):
   def no_compiling(*args, **kwargs):

@@ -2,42 +2,34 @@
 
     pair_l1[b, g, k] = Σ_hw |maps[b, hw, g, i_k] − maps[b, hw, g, j_k]|
 
-for r pairs (i_k, j_k) of the f filters of each of the G groups. This is the
-implementation behind `cgl_jax.losses.group_coherence(pairs='sampled')` on a
-single CUDA GPU; the CPU uses a loop over pairs, and other accelerators, several
-devices and float64 two matmuls with the ±1 pair-incidence matrix (see
-`losses._sampled_pair_l1`).
+for r pairs (i_k, j_k) of the f filters of each of the G groups: `pair_l1` satisfies the
+``pair_sums`` contract of `cgl_jax.losses.group_coherence` (float32, CUDA; any backend
+with ``interpret=True``).
 
-Why a kernel: the matmul form writes and reads an ``[B, HW, G, r]`` tensor of
-differences (r = 3f, so three times ψ) in each direction, and on a small
-network that traffic, not arithmetic, dominates the CGL step. Here each
-program reads the rows it needs from a filter-major copy of the maps (an
-image's group is ``f × HW`` values, which stays in L2 across its pairs) and
-writes only the ``[B, G, r]`` sums forward and the gradient backward:
+Why kernels: the matmul form (`cgl_jax.kernels.xla.matmul_pair_l1`) writes and reads an
+``[B, HW, G, r]`` tensor of differences (r = 3f, so three times ψ) in each direction, and
+on a small network that traffic, not arithmetic, dominates the CGL step. Here each program
+reads the rows it needs from a filter-major copy of the maps (an image's group is
+``f × HW`` values, which stays in L2 across its pairs) and writes only the ``[B, G, r]``
+sums forward and the gradient backward:
 
-  forward   grid (B, G, ⌈r / PAIRS_PER_PROGRAM⌉); each program sums |row_i − row_j|
-            for its pairs.
-  backward  grid (B, G, f); program (b, g, i) writes the whole gradient row of
-            filter i: Σ over the pairs that contain i of c[b, g, k]·sign(m_i − m_other),
-            walking a filter-sorted incidence list (``2r`` entries), so every
-            gradient element is written once, deterministically, with no atomics.
+  forward   grid (B, G, ⌈r / pairs_per_program⌉); each program sums |row_i − row_j| for
+            its pairs.
+  backward  grid (B, G, f); program (b, g, i) writes the whole gradient row of filter i:
+            Σ over the pairs that contain i of c[b, g, k]·sign(m_i − m_other), walking a
+            filter-sorted incidence list (``2r`` entries), so every gradient element is
+            written once, deterministically, with no atomics.
 
-Rows are processed in chunks of at most `MAX_CHUNK` positions (Triton tensors
-have power-of-two sizes; the rows are zero-padded to a multiple of the chunk,
-and |0 − 0| = 0 adds nothing). Sums are float32 in a different order than
-XLA's reductions, so results agree with the other implementations to float32
-rounding (max relative difference 2e-7 to the matmuls on an H100). Tests run
-the kernels in Pallas' interpreter on the CPU (``interpret=True``).
+Rows are processed in chunks of at most `MAX_CHUNK` positions (Triton tensors have
+power-of-two sizes; the rows are zero-padded to a multiple of the chunk, and |0 − 0| = 0
+adds nothing). Sums are float32 in a different order than XLA's reductions, so results
+agree with the other implementations to float32 rounding.
 
-Measured on an H100 (experiments/bench_pallas_pair_sums.py; vjp of the pair
-sums, B = 32, G = 5, r = 3f): 0.23 ms against 0.49 ms for the matmuls at
-32×32 positions, f = 51 (ShapesCNN conv2); 0.13–0.16 against 0.14–0.20 ms at
-13×13 (AlexNet conv4/conv5). The whole ShapesCNN CGL train step went from
-1.84× to 1.50× the cross-entropy step.
-
-This module imports jax (Pallas is part of jax) and `cgl_jax.losses` only.
+This module imports jax (Pallas is part of jax) and `cgl_jax.kernels.xla` only; importing
+it fails where jaxlib lacks Pallas' Triton bindings.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -45,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from cgl_jax import losses
+from cgl_jax.kernels import xla
 
 Array = jax.Array
 
@@ -53,6 +45,13 @@ MAX_CHUNK = 1024  # positions per loaded row chunk (a power of two)
 # Forward: pairs summed by one program (unrolled, so their loads are in flight together).
 PAIRS_PER_PROGRAM = 8
 NUM_WARPS = 4
+
+
+class _Options(NamedTuple):
+  """How the kernels are run (hashable: a non-differentiable argument of the custom VJP)."""
+  interpret: bool
+  pairs_per_program: int
+  num_warps: int
 
 
 def _chunk_size(positions: int) -> int:
@@ -71,13 +70,13 @@ def _sign(x: Array) -> Array:
 
 
 def _forward_kernel(first_ref, second_ref, rows_ref, out_ref, *, groups, group_size,
-                    num_chunks, chunk):
+                    num_chunks, chunk, pairs_per_program):
   b, g, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   base = (b * groups + g) * group_size
-  sums = jnp.zeros((PAIRS_PER_PROGRAM,), jnp.float32)
-  lane = lax.broadcasted_iota(jnp.int32, (PAIRS_PER_PROGRAM,), 0)
-  for t in range(PAIRS_PER_PROGRAM):  # unrolled: independent loads in flight together
-    k = block * PAIRS_PER_PROGRAM + t
+  sums = jnp.zeros((pairs_per_program,), jnp.float32)
+  lane = lax.broadcasted_iota(jnp.int32, (pairs_per_program,), 0)
+  for t in range(pairs_per_program):  # unrolled: independent loads in flight together
+    k = block * pairs_per_program + t
     first, second = base + first_ref[k], base + second_ref[k]
 
     def add_chunk(c, total, first=first, second=second):
@@ -121,43 +120,45 @@ def _pad_to(x: Array, length: int) -> Array:
   return jnp.pad(x, (0, length - x.shape[0]))
 
 
-def _pair_l1(interpret: bool, maps: Array, pair_indices: Array) -> Array:
-  return _pair_l1_fwd(interpret, maps, pair_indices)[0]
+def _pair_l1(options: _Options, maps: Array, pair_indices: Array) -> Array:
+  return _pair_l1_fwd(options, maps, pair_indices)[0]
 
 
-def _pair_l1_fwd(interpret: bool, maps: Array, pair_indices: Array):
+def _pair_l1_fwd(options: _Options, maps: Array, pair_indices: Array):
   batch, positions, groups, group_size = maps.shape
   num_pairs = pair_indices.shape[0]
   chunk = _chunk_size(positions)
   num_chunks = pl.cdiv(positions, chunk)
   rows = _filter_major(maps, num_chunks * chunk)
-  num_blocks = pl.cdiv(num_pairs, PAIRS_PER_PROGRAM)
-  padded_pairs = num_blocks * PAIRS_PER_PROGRAM  # dummy pairs (0, 0) sum to 0, then dropped
+  num_blocks = pl.cdiv(num_pairs, options.pairs_per_program)
+  padded_pairs = num_blocks * options.pairs_per_program  # dummy pairs (0, 0) sum to 0, then dropped
   first = _pad_to(pair_indices[:, 0].astype(jnp.int32), padded_pairs)
   second = _pad_to(pair_indices[:, 1].astype(jnp.int32), padded_pairs)
   kernel = functools.partial(_forward_kernel, groups=groups, group_size=group_size,
-                             num_chunks=num_chunks, chunk=chunk)
+                             num_chunks=num_chunks, chunk=chunk,
+                             pairs_per_program=options.pairs_per_program)
   any_space = pl.BlockSpec(memory_space=pl.ANY)
   sums = pl.pallas_call(
       kernel,
       out_shape=_like(rows, (batch, groups, padded_pairs)),
       grid=(batch, groups, num_blocks),
       in_specs=[any_space, any_space, any_space],
-      out_specs=pl.BlockSpec((None, None, PAIRS_PER_PROGRAM), lambda b, g, k: (b, g, k)),
-      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret,
+      out_specs=pl.BlockSpec((None, None, options.pairs_per_program),
+                             lambda b, g, k: (b, g, k)),
+      compiler_params=pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1),
+      interpret=options.interpret,
       name='cgl_pair_l1_forward',
   )(first, second, rows)
   return sums[..., :num_pairs], (rows, pair_indices, maps)
 
 
-def _pair_l1_bwd(interpret: bool, residuals, cotangent):
+def _pair_l1_bwd(options: _Options, residuals, cotangent):
   rows, pair_indices, maps = residuals
   batch, positions, groups, group_size = maps.shape
   num_pairs = pair_indices.shape[0]
   chunk = _chunk_size(positions)
   num_chunks = rows.shape[1] // chunk
-  starts, _, other, pair = losses._pair_incidences(pair_indices, group_size)
+  starts, _, other, pair = xla.pair_incidences(pair_indices, group_size)
   kernel = functools.partial(_backward_kernel, groups=groups, group_size=group_size,
                              num_pairs=num_pairs, num_chunks=num_chunks, chunk=chunk)
   any_space = pl.BlockSpec(memory_space=pl.ANY)
@@ -167,8 +168,8 @@ def _pair_l1_bwd(interpret: bool, residuals, cotangent):
       grid=(batch, groups, group_size),
       in_specs=[any_space] * 5,
       out_specs=any_space,
-      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1),
+      interpret=options.interpret,
       name='cgl_pair_l1_backward',
   )(starts, other, pair, cotangent.reshape(-1), rows)
   grad = grad_rows[:, :positions].reshape(batch, groups, group_size, positions)
@@ -179,17 +180,22 @@ _pair_l1 = jax.custom_vjp(_pair_l1, nondiff_argnums=(0,))
 _pair_l1.defvjp(_pair_l1_fwd, _pair_l1_bwd)
 
 
-def pallas_pair_l1(maps: Array, pair_indices: Array, *, interpret: bool = False) -> Array:
-  """Σ_hw |maps[:, hw, :, i] − maps[:, hw, :, j]| per pair: [B, HW, G, f] → [B, G, r].
+def pair_l1(x: Array, pair_indices: Array, *, num_groups: int, interpret: bool = False,
+            pairs_per_program: int = PAIRS_PER_PROGRAM, num_warps: int = NUM_WARPS) -> Array:
+  """Σ_hw |x[b, hw, g·f + i] − x[b, hw, g·f + j]| per pair: ``[B, HW, C]`` → ``[B, G, r]``.
 
   Args:
-    maps: ``[B, HW, G, f]`` float32 soft masks.
+    x: ``[B, HW, C]`` float32 soft masks (the first G·f channels are read).
     pair_indices: int ``[r, 2]`` pairs (i, j) with values in ``[0, f)``.
+    num_groups: G.
     interpret: run the kernels in Pallas' interpreter (any backend; for tests).
+    pairs_per_program: pairs summed by one forward program.
+    num_warps: Triton warps per program.
 
   Returns:
-    ``[B, G, r]`` float32. Reverse-mode differentiable in ``maps``.
+    ``[B, G, r]`` float32. Reverse-mode differentiable in ``x``.
   """
-  if maps.dtype != jnp.float32:
-    raise ValueError(f'pallas_pair_l1 computes in float32; got maps of dtype {maps.dtype}.')
-  return _pair_l1(interpret, maps, pair_indices)
+  if x.dtype != jnp.float32:
+    raise ValueError(f'the Pallas pair sums compute in float32; got x of dtype {x.dtype}.')
+  options = _Options(bool(interpret), int(pairs_per_program), int(num_warps))
+  return _pair_l1(options, xla.grouped_maps(x, num_groups), pair_indices)

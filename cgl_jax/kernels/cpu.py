@@ -1,52 +1,41 @@
 """CGL's CPU kernels in C++ (XLA FFI): L_g's pair sums and L_s's per-map values.
 
-`cgl_jax.losses` uses them on a single CPU device (float32 or float64):
+  pair_l1                     Σ_n |x[..., n, g·f + i_k] − x[..., n, g·f + j_k]| for r pairs
+                              and G groups of channels-last maps ``[..., N, C]``: the
+                              ``pair_sums`` contract of `losses.group_coherence`
+                              (source ``csrc/pair_l1.cc``).
+  spatial_concentration_maps  L_s of every map of ψ ``[B, H, W, C]`` → ``[B, C]``: the
+                              ``per_map`` contract of `losses.spatial_concentration`
+                              (source ``csrc/spatial_concentration.cc``).
 
-  pair_l1                 Σ_n |x[..., n, g·f + i_k] − x[..., n, g·f + j_k]| for r pairs
-                          and G groups of channels-last maps ``[..., N, C]``
-                          (`group_coherence`, pairs='sampled'); source ``csrc/pair_l1.cc``.
-  spatial_concentration_maps
-                          L_s of every map of ψ ``[B, H, W, C]`` → ``[B, C]``
-                          (`spatial_concentration`); source ``csrc/spatial_concentration.cc``.
+Both are reverse-mode differentiable (a backward kernel each), not forward-mode; CPU only,
+float32 or float64.
 
-Both are reverse-mode differentiable (a backward kernel each), not forward-mode.
-
-Why kernels: XLA:CPU runs a while loop's iterations one after another on one
-core, with nothing else of the step beside it, and runs each element-wise or
-reduction pass over ψ as its own single-threaded trip through memory. Between
-conv2's forward and backward passes of the ShapesCNN train step (2 cores) the
-CGL work took about 100 ms with XLA's code (the cross-entropy step: 15 ms
-there), 54 ms with these kernels; the whole step went from 1.106 to 1.045× the
-cross-entropy step in one run (experiments/bench_train.py --without_cpu_kernels).
-  * The pair-sum kernels copy each image's group of channels into a filter-major
-    buffer (204 KB at f = 51, N = 32×32) that stays in L2 across all its pairs,
-    so XLA writes no filter-major copy of ψ: forward 4.5 ms in the step against
-    8 ms for the loop plus a 6 ms transpose, backward 7.4 against 22 ms. The
+Why kernels: XLA:CPU runs a while loop's iterations one after another on one core, and
+each element-wise or reduction pass over ψ as its own single-threaded trip through memory.
+  * The pair-sum kernels copy each image's group of channels into a filter-major buffer
+    that stays in L2 across all its pairs, so no filter-major copy of ψ is written. The
     backward writes the gradient as filter-major rows, which XLA moves back to
-    channels-last inside the pass that consumes it (writing it channels-last from
-    the kernel, scattered, took three times as long).
-  * The L_s kernels make two passes over each image's channel slice forward and
-    one backward while it is in cache, vectorised over channels; the backward
-    returns four coefficients per map and the element-wise gradient is formed in
-    XLA, fused into its consumer instead of filling a new ψ-sized buffer.
-Work is spread over XLA's intra-op threads; every output element has one owner
-and a fixed summation order, so results do not depend on the thread count. The
-pair-sum backward walks the same filter-sorted incidences as the XLA loop
-(`losses._pair_incidences`) and matches it bit for bit; forward sums and L_s
-round differently from XLA's reductions (float rounding).
+    channels-last inside the pass that consumes it (scattered channels-last stores from
+    the kernel are slower).
+  * The L_s kernels make two passes over each image's channel slice forward and one
+    backward while it is in cache, vectorised over channels; the backward returns four
+    coefficients per map and the element-wise gradient is formed in XLA, fused into its
+    consumer.
+Work is spread over XLA's intra-op threads; every output element has one owner and a fixed
+summation order, so results do not depend on the thread count. The pair-sum backward walks
+the same filter-sorted incidences as `cgl_jax.kernels.xla.loop_pair_l1` and matches it bit
+for bit; forward sums and L_s round differently from XLA's reductions (float rounding).
 
-Build: on first use the sources are compiled with the system C++ compiler
-(``$CXX`` or ``c++``, flags `FLAGS`, including ``-march=native``) against the FFI
-headers that ship with jaxlib, into a cache directory (``$CGL_JAX_KERNEL_CACHE``,
-else ``$XDG_CACHE_HOME/cgl_jax`` or ``~/.cache/cgl_jax``), keyed by a hash of the
-sources, the compiler, the flags, jaxlib's version and this CPU's model and
-feature flags (``-march=native`` code must not reach another CPU through a
-shared home directory). A build is written to a temporary file and renamed into
-place, so concurrent processes never load a half-written library. Without a
-compiler, or if the build fails, `available()` is False, one warning says why,
-and `cgl_jax.losses` uses its XLA implementations (same results).
-``CGL_JAX_CPU_KERNEL=0`` turns the kernels off (e.g. for forward-mode or
-higher-order derivatives of L_s on the CPU).
+Build: on first use the sources are compiled with the system C++ compiler (``$CXX`` or
+``c++``, flags `FLAGS`, including ``-march=native``) against the FFI headers that ship with
+jaxlib, into a cache directory (``$CGL_JAX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/cgl_jax``
+or ``~/.cache/cgl_jax``), keyed by a hash of the sources, the compiler, the flags, jaxlib's
+version and this CPU's model and feature flags (``-march=native`` code must not reach
+another CPU through a shared home directory). A build is written to a temporary file and
+renamed into place, so concurrent processes never load a half-written library. Without a
+compiler, or if the build fails, `available()` is False and one warning says why;
+`cgl_jax.kernels.select` then picks the XLA loop.
 
 This module imports jax, numpy and the standard library only.
 """
@@ -76,7 +65,6 @@ SOURCE_DIR = pathlib.Path(__file__).parent / 'csrc'
 # result changes: nothing reads errno or the floating-point flags); -w: jaxlib's headers warn.
 FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-std=c++17',
          '-shared', '-fPIC', '-w')
-DISABLE_ENV = 'CGL_JAX_CPU_KERNEL'
 CACHE_ENV = 'CGL_JAX_KERNEL_CACHE'
 BUILD_TIMEOUT_S = 300
 # The FFI handlers the library exports, by kernel and dtype: (forward, backward).
@@ -86,9 +74,9 @@ TARGETS = {
     for kernel in ('PairL1', 'SpatialConcentration')}
 
 
-def sources() -> list[pathlib.Path]:
+def sources(source_dir: os.PathLike = SOURCE_DIR) -> list[pathlib.Path]:
   """The C++ sources compiled into the library (headers are hashed too)."""
-  return sorted(SOURCE_DIR.glob('*.cc'))
+  return sorted(pathlib.Path(source_dir).glob('*.cc'))
 
 
 class KernelBuildError(RuntimeError):
@@ -103,7 +91,8 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / 'cgl_jax'
 
 
-def _compiler() -> str:
+def default_compiler() -> str:
+  """``$CXX``, else ``c++`` or ``g++`` on the PATH."""
   compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
   if not compiler:
     raise KernelBuildError('no C++ compiler found (set $CXX or install g++ or clang++).')
@@ -125,14 +114,14 @@ def _cpu_identity() -> str:
   return '\n'.join(lines) or platform.processor() or platform.machine()
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: str, source_dir: pathlib.Path) -> str:
   try:
     version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
                              timeout=60).stdout
   except (OSError, subprocess.SubprocessError) as error:
     raise KernelBuildError(f'cannot run the C++ compiler {compiler!r}: {error}') from error
   digest = hashlib.sha256()
-  files = sources() + sorted(SOURCE_DIR.glob('*.h'))
+  files = sources(source_dir) + sorted(source_dir.glob('*.h'))
   for part in (*(f.name.encode() + f.read_bytes() for f in files), version.encode(),
                ' '.join(FLAGS).encode(), jaxlib.__version__.encode(), _cpu_identity().encode()):
     digest.update(part)
@@ -140,11 +129,14 @@ def _build_key(compiler: str) -> str:
   return digest.hexdigest()[:16]
 
 
-def build(directory: Optional[os.PathLike] = None) -> pathlib.Path:
+def build(directory: Optional[os.PathLike] = None, *, compiler: Optional[str] = None,
+          source_dir: os.PathLike = SOURCE_DIR) -> pathlib.Path:
   """Compiles the kernel library unless a build for this source, compiler and CPU exists.
 
   Args:
     directory: where to keep it (default `cache_dir()`).
+    compiler: the C++ compiler to run (default `default_compiler()`).
+    source_dir: the directory of the ``.cc`` and ``.h`` sources (default `SOURCE_DIR`).
 
   Returns:
     The path of the shared library.
@@ -153,9 +145,10 @@ def build(directory: Optional[os.PathLike] = None) -> pathlib.Path:
     KernelBuildError: no compiler, or the compiler failed (its command and the
       end of its output are in the message).
   """
-  compiler = _compiler()
+  compiler = compiler or default_compiler()
+  source_dir = pathlib.Path(source_dir)
   directory = pathlib.Path(directory) if directory is not None else cache_dir()
-  library = directory / f'cgl_cpu_kernels-{_build_key(compiler)}.so'
+  library = directory / f'cgl_cpu_kernels-{_build_key(compiler, source_dir)}.so'
   if library.exists():
     return library
   try:
@@ -165,8 +158,8 @@ def build(directory: Optional[os.PathLike] = None) -> pathlib.Path:
   except OSError as error:
     raise KernelBuildError(f'cannot write the kernel build to {directory}: {error} (set '
                            f'${CACHE_ENV} to a writable directory).') from error
-  command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', f'-I{SOURCE_DIR}',
-             *map(str, sources()), '-o', temporary]
+  command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', f'-I{source_dir}',
+             *map(str, sources(source_dir)), '-o', temporary]
   try:
     try:
       result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
@@ -194,19 +187,16 @@ def _register() -> None:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernels are usable here: built, loaded and registered (False if disabled).
+  """Whether the kernels are usable here: built, loaded and registered.
 
-  The first call builds them if needed (seconds). A failure is logged once, with
-  the reason, and `cgl_jax.losses` then uses its XLA implementations on the CPU.
+  The first call builds them if needed. A failure is logged once, with the reason.
   """
-  if os.environ.get(DISABLE_ENV, '1').strip().lower() in ('0', 'false', 'no', 'off'):
-    return False
   try:
     _register()
   except (KernelBuildError, OSError, AttributeError) as error:
-    _LOG.warning('cgl_jax: the C++ CPU kernels for L_g and L_s are unavailable, so XLA '
-                 'implementations are used (same results, slower on the CPU): %s. Set %s=0 to '
-                 'skip the build and this message.', error, DISABLE_ENV)
+    _LOG.warning("cgl_jax: the C++ CPU kernels for L_g and L_s are unavailable, so kernels='auto' "
+                 "uses XLA's code on the CPU (same results, slower): %s. Set config.cgl.kernels "
+                 "to 'loop' to skip the build and this message.", error)
     return False
   return True
 
@@ -216,8 +206,8 @@ def _targets(kernel: str, x: Array) -> tuple[str, str]:
   if jnp.dtype(x.dtype) not in TARGETS[kernel]:
     raise TypeError(f'the CPU kernels take float32 or float64 values; got {x.dtype}.')
   if not available():
-    raise KernelBuildError('the CPU kernels are not available (see the warning logged when '
-                           f'they were built, or {DISABLE_ENV}).')
+    raise KernelBuildError('the C++ CPU kernels are not available here (see the warning logged '
+                           'when they were built).')
   return TARGETS[kernel][jnp.dtype(x.dtype)]
 
 
@@ -231,12 +221,23 @@ def _check(x: Array, pair_indices: Array, num_groups: int) -> tuple[str, str]:
   return _targets('PairL1', x)
 
 
+def _varying_like(out: Array, x: Array) -> Array:
+  """out, varying over the mesh axes that x varies over (inside shard_map).
+
+  An FFI call's outputs vary over no mesh axis; a custom VJP's gradient must vary as its
+  input does.
+  """
+  missing = tuple(jax.typeof(x).manual_axis_type.varying
+                  - jax.typeof(out).manual_axis_type.varying)
+  return jax.lax.pcast(out, missing, to='varying') if missing else out
+
+
 def _forward(x: Array, pair_indices: Array, num_groups: int) -> Array:
   forward, _ = _check(x, pair_indices, num_groups)
   out = jax.ShapeDtypeStruct((*x.shape[:-2], num_groups, pair_indices.shape[0]), x.dtype)
   # 'sequential': under vmap the kernel runs once per mapped element (pairs stay [r, 2]).
-  return jax.ffi.ffi_call(forward, out, vmap_method='sequential')(
-      x, pair_indices.astype(jnp.int32), num_groups=np.int64(num_groups))
+  return _varying_like(jax.ffi.ffi_call(forward, out, vmap_method='sequential')(
+      x, pair_indices.astype(jnp.int32), num_groups=np.int64(num_groups)), x)
 
 
 def pair_l1(x: Array, pair_indices: Array, *, num_groups: int) -> Array:
@@ -275,6 +276,7 @@ def _pair_l1_bwd(num_groups, residuals, cotangent):
       backward, jax.ShapeDtypeStruct((*leading, num_groups, group_size, positions), x.dtype),
       vmap_method='sequential')(x, pair_indices.astype(jnp.int32), cotangent.astype(x.dtype),
                                 num_groups=np.int64(num_groups))
+  rows = _varying_like(rows, x)
   grad = jnp.moveaxis(rows, -1, -3).reshape(*leading, positions, num_groups * group_size)
   free = channels - num_groups * group_size  # no gradient
   grad = jnp.pad(grad, [(0, 0)] * (grad.ndim - 1) + [(0, free)]) if free else grad
@@ -289,8 +291,8 @@ _pair_l1.defvjp(_pair_l1_fwd, _pair_l1_bwd)
 # ----------------------------------------------------------------------------
 
 
-def spatial_concentration_maps(psi: Array, *, eps: float = 1e-4) -> Array:
-  """L_s of every map of ψ: ``[B, H, W, C]`` → ``[B, C]`` (`losses.spatial_concentration`).
+def spatial_concentration_maps(psi: Array, eps: float = 1e-4) -> Array:
+  """L_s of every map of ψ: ``[B, H, W, C]`` → ``[B, C]`` (`losses.spatial_concentration_maps`).
 
       m = Σ_j ψ_j + eps,   c = Σ_j j·ψ_j / m,   value = Σ_j ψ_j·‖j − c‖₂ / m
 
@@ -312,7 +314,8 @@ def _spatial_concentration_forward(psi, eps):
   batch, _, _, channels = psi.shape
   out = (jax.ShapeDtypeStruct((batch, channels), psi.dtype),
          jax.ShapeDtypeStruct((3, batch, channels), psi.dtype))
-  return jax.ffi.ffi_call(forward, out, vmap_method='sequential')(psi, eps=eps)
+  values, moments = jax.ffi.ffi_call(forward, out, vmap_method='sequential')(psi, eps=eps)
+  return _varying_like(values, psi), _varying_like(moments, psi)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -332,6 +335,8 @@ def _spatial_concentration_bwd(eps, residuals, cotangent):
   scale, pull_row, pull_col, offset = jax.ffi.ffi_call(
       backward, jax.ShapeDtypeStruct((4, *cotangent.shape), psi.dtype),
       vmap_method='sequential')(psi, moments, cotangent.astype(psi.dtype))
+  scale, pull_row, pull_col, offset = (_varying_like(c, psi)
+                                       for c in (scale, pull_row, pull_col, offset))
   _, centre_row, centre_col = moments
   _, height, width, _ = psi.shape
   per_map = lambda x: x[:, None, None, :]  # [B, C] against [B, H, W, C]

@@ -8,16 +8,16 @@
 //   u·∂v/∂ψ_j = scale·d_j + pull_y·(y − c_y) + pull_x·(x − c_x) − offset
 //   scale = u/m,  offset = scale·v,  pull_y = scale·A_y/m,  pull_x = scale·A_x/m,
 //   A_y = −Σ_k ψ_k·(y_k − c_y) / d_k,  A_x likewise (terms with d_k = 0 count 0)
-// (all 0 where m = 0), which is what autodiff of losses._spatial_concentration_maps
+// (all 0 where m = 0), which is what autodiff of losses.spatial_concentration_maps
 // gives, safe square root and divisions included. Backward returns the four
-// per-map coefficients [4, B, C] after one pass over ψ; cgl_jax/cpu_kernels.py
+// per-map coefficients [4, B, C] after one pass over ψ; cgl_jax/kernels/cpu.py
 // forms the element-wise gradient in XLA, which fuses it into the pass that
 // consumes it instead of this kernel writing (and page-faulting in) another
 // ψ-sized buffer. Each work unit is one image and a slice of at most
 // kChannelBlock channels, vectorised over channels with its accumulators in L1;
 // units are spread over XLA's intra-op pool, and each output element has one
 // owner, so results do not depend on the number of threads. Built and loaded by
-// cgl_jax/cpu_kernels.py.
+// cgl_jax/kernels/cpu.py.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -1,12 +1,11 @@
-"""cgl_jax.cpu_kernels: the C++ (XLA FFI) CPU kernels of L_g's pair sums, and their build.
+"""cgl_jax.kernels.cpu: the C++ (XLA FFI) CPU kernels of L_g's pair sums and L_s, and their build.
 
-The kernels are checked against the XLA loop they replace (the backward bit for
-bit, since both walk the same filter-sorted incidences), against NumPy, for
-thread-count independence, under vmap, and for the build's cache and failure
-paths. `tests/test_losses.py` also runs every group-coherence test through them.
+The kernels are checked against the XLA loop (the backward bit for bit, since both walk
+the same filter-sorted incidences) and the jax.numpy code, against NumPy, for
+thread-count independence, under vmap, and for the build's cache and failure paths.
+tests/test_kernels.py also runs the group-coherence and L_s tests through them.
 """
 import functools
-import logging
 import os
 import shutil
 
@@ -15,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgl_jax import cpu_kernels
+from cgl_jax import kernels
 from cgl_jax import losses
+from cgl_jax.kernels import cpu as cpu_kernels
+from cgl_jax.kernels import xla
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+pytestmark = pytest.mark.skipif(not kernels.available('cpu_ffi'),
                                 reason='the C++ CPU kernel does not build here (no compiler?)')
 
 
@@ -32,7 +33,7 @@ def _vjp(pair_sums, x, pairs, cotangent):
 
 
 def _loop(num_groups):  # the XLA loop on ψ's grouped channels: [B, N, C] → [B, G, r]
-  return lambda x, pairs: losses._loop_pair_l1(losses._grouped_maps(x, num_groups), pairs)
+  return lambda x, pairs: xla.loop_pair_l1(x, pairs, num_groups=num_groups)
 
 
 def _kernel(num_groups):
@@ -116,7 +117,8 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path, python_subprocess):
   code = f"""
     import os
     import jax, jax.numpy as jnp, numpy as np
-    from cgl_jax import cpu_kernels, losses
+    from cgl_jax import losses
+    from cgl_jax.kernels import cpu as cpu_kernels
     psi = jnp.asarray(np.load({str(tmp_path / 'psi.npy')!r}))
     pairs = losses.sample_pairs(jax.random.key(1), 51, 153)
     value, pullback = jax.vjp(lambda m: cpu_kernels.pair_l1(m, pairs, num_groups=5), psi)
@@ -168,7 +170,7 @@ def test_spatial_concentration_value_and_gradient_match_the_formula(shape, dtype
   with jax.enable_x64(dtype == 'float64'):
     psi = jnp.asarray(_maps(8, shape, dtype))
     cotangent = jax.random.normal(jax.random.key(3), (shape[0], shape[3]), dtype)
-    xla = functools.partial(losses._spatial_concentration_maps, eps=1e-4)
+    xla = functools.partial(losses.spatial_concentration_maps, eps=1e-4)
     kernel = functools.partial(cpu_kernels.spatial_concentration_maps, eps=1e-4)
     want_value, want_grad = _vjp_maps(xla, psi, cotangent)
     got_value, got_grad = maybe_jit(lambda x, c: _vjp_maps(kernel, x, c))(psi, cotangent)
@@ -201,7 +203,7 @@ def test_spatial_concentration_degenerate_maps_match_the_formula(eps):
     cotangent = jnp.asarray(np.arange(12, dtype=np.float64).reshape(3, 4) - 5)
     got = _vjp_maps(functools.partial(cpu_kernels.spatial_concentration_maps, eps=eps), psi,
                     cotangent)
-    want = _vjp_maps(functools.partial(losses._spatial_concentration_maps, eps=eps), psi,
+    want = _vjp_maps(functools.partial(losses.spatial_concentration_maps, eps=eps), psi,
                      cotangent)
     for got_part, want_part in zip(got, want):
       assert np.all(np.isfinite(got_part))
@@ -211,13 +213,13 @@ def test_spatial_concentration_degenerate_maps_match_the_formula(eps):
       assert np.all(got[1][0, ..., 0] == 0)
 
 
-def test_spatial_concentration_uses_the_kernel_and_agrees_with_xla(monkeypatch):
+def test_spatial_concentration_runs_the_kernel_as_per_map():
   psi = jnp.asarray(_maps(10, (2, 6, 6, 9)))
-  lowered = jax.jit(jax.value_and_grad(losses.spatial_concentration)).lower(psi).as_text()
+  fn = lambda x: losses.spatial_concentration(x, per_map=kernels.per_map('cpu_ffi'))
+  lowered = jax.jit(jax.value_and_grad(fn)).lower(psi).as_text()
   assert 'CglSpatialConcentrationForwardF32' in lowered
   assert 'CglSpatialConcentrationBackwardF32' in lowered
-  got = jax.value_and_grad(losses.spatial_concentration)(psi)
-  monkeypatch.setattr(losses, '_cpu_kernel_module', lambda: None)
+  got = jax.value_and_grad(fn)(psi)
   want = jax.value_and_grad(losses.spatial_concentration)(psi)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-9)
@@ -235,7 +237,7 @@ def test_spatial_concentration_kernel_rejects_what_it_cannot_compute():
 # ----------------------------------------------------------------------------
 
 
-def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
+def test_build_is_cached_and_keyed_by_the_source(tmp_path):
   library = cpu_kernels.build(tmp_path)
   assert library.parent == tmp_path and library.stat().st_size > 0
   built_at = library.stat().st_mtime_ns
@@ -243,48 +245,45 @@ def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.building-')]  # no leftovers
   sources = tmp_path / 'csrc'
   shutil.copytree(cpu_kernels.SOURCE_DIR, sources)
-  monkeypatch.setattr(cpu_kernels, 'SOURCE_DIR', sources)
-  assert cpu_kernels.build(tmp_path) == library  # the same sources: the same build
+  assert cpu_kernels.build(tmp_path, source_dir=sources) == library  # same sources, same build
   (sources / 'parallel_for.h').write_text((sources / 'parallel_for.h').read_text() + '// changed\n')
-  assert cpu_kernels.build(tmp_path) != library  # a changed header is a new build
+  assert cpu_kernels.build(tmp_path, source_dir=sources) != library  # a changed header: rebuilt
 
 
-def test_a_failed_build_names_the_command_and_leaves_nothing(tmp_path, monkeypatch):
+def test_a_failed_build_names_the_command_and_leaves_nothing(tmp_path):
   (tmp_path / 'csrc').mkdir()
   (tmp_path / 'csrc' / 'broken.cc').write_text('this is not C++;\n')
-  monkeypatch.setattr(cpu_kernels, 'SOURCE_DIR', tmp_path / 'csrc')
   with pytest.raises(cpu_kernels.KernelBuildError, match=r'(?s)failed \(exit \d+\).*broken\.cc'):
-    cpu_kernels.build(tmp_path / 'cache')
+    cpu_kernels.build(tmp_path / 'cache', source_dir=tmp_path / 'csrc')
   assert os.listdir(tmp_path / 'cache') == []  # the half-written output was removed
-  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
   with pytest.raises(cpu_kernels.KernelBuildError, match='cannot run the C\\+\\+ compiler'):
-    cpu_kernels.build(tmp_path / 'cache')
+    cpu_kernels.build(tmp_path / 'cache', compiler=str(tmp_path / 'no-such-compiler'))
 
 
-def test_unavailable_kernel_warns_once_and_group_coherence_uses_the_loop(monkeypatch, caplog):
-  psi = jnp.asarray(_maps(7, (2, 4, 4, 6)))
-  key = jax.random.key(0)
-  want = losses.group_coherence(psi, 2, pairs='sampled', key=key)
-
-  def failing_register():
-    raise cpu_kernels.KernelBuildError('no C++ compiler found (test)')
-
-  monkeypatch.setattr(cpu_kernels, '_register', failing_register)
-  cpu_kernels.available.cache_clear()
-  losses._cpu_kernel_module.cache_clear()
-  try:
-    with caplog.at_level(logging.WARNING):
-      assert not cpu_kernels.available() and not cpu_kernels.available()
-    assert [r.getMessage() for r in caplog.records].count(
-        caplog.records[0].getMessage()) == 1 and 'no C++ compiler found (test)' in caplog.text
-    assert losses._cpu_kernel_module() is None
-    # A fresh function: jit must trace again, now choosing the loop.
-    got = jax.jit(lambda x: losses.group_coherence(x, 2, pairs='sampled', key=key))(psi)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, '0')
-    monkeypatch.setattr(cpu_kernels, '_register', lambda: None)
-    cpu_kernels.available.cache_clear()
-    assert not cpu_kernels.available()  # switched off: not even tried
-  finally:
-    cpu_kernels.available.cache_clear()
-    losses._cpu_kernel_module.cache_clear()
+def test_without_a_compiler_one_warning_and_auto_picks_the_loop(tmp_path, python_subprocess):
+  """A fresh process whose $CXX does not exist and whose cache is empty."""
+  proc = python_subprocess("""
+      import logging
+      import jax, jax.numpy as jnp, numpy as np
+      from cgl_jax import kernels, losses
+      from cgl_jax.kernels import cpu
+      logging.basicConfig(level=logging.WARNING)
+      assert not cpu.available() and not cpu.available() and not kernels.available('cpu_ffi')
+      selection = kernels.select('cpu', num_devices=1, dtype=jnp.float32)
+      assert (selection.pair_sums, selection.per_map) == ('loop', 'jnp'), selection
+      try:
+        kernels.pair_sums('cpu_ffi')
+      except kernels.KernelUnavailableError as error:
+        print('unavailable:', error)
+      psi = jnp.asarray(np.random.default_rng(7).uniform(0, 1, (2, 4, 4, 6)), jnp.float32)
+      key = jax.random.key(0)
+      loop = losses.group_coherence(psi, 2, pairs='sampled', key=key,
+                                    pair_sums=kernels.pair_sums(selection.pair_sums))
+      np.testing.assert_allclose(loop, losses.group_coherence(psi, 2, pairs='sampled', key=key),
+                                 rtol=1e-6)
+  """, env={'CXX': str(tmp_path / 'no-such-compiler'),
+            'CGL_JAX_KERNEL_CACHE': str(tmp_path / 'cache')})
+  assert proc.stderr.count('the C++ CPU kernels for L_g and L_s are unavailable') == 1
+  assert 'cannot run the C++ compiler' in proc.stderr
+  assert "unavailable: the 'cpu_ffi' kernels did not build or load here" in proc.stdout
+  assert not (tmp_path / 'cache').exists() or not os.listdir(tmp_path / 'cache')

@@ -11,11 +11,11 @@
 // buffer (204 KB at f = 51, N = 32×32), which stays in L2 across all r pairs, so
 // ψ is read from memory once per pass and XLA need not write a filter-major copy
 // of ψ. The backward writes the gradient filter-major, [M, G, f, N], one
-// contiguous row per filter (cgl_jax/cpu_kernels.py moves it back to
+// contiguous row per filter (cgl_jax/kernels/cpu.py moves it back to
 // channels-last, which XLA fuses into the consumer). Units are spread over XLA's
 // intra-op thread pool; each output element is computed by one thread in a
 // fixed order, so results do not depend on the number of threads. Built and
-// loaded by cgl_jax/cpu_kernels.py.
+// loaded by cgl_jax/kernels/cpu.py.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -134,7 +134,7 @@ ffi::Error PairL1Forward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<ffi
 }
 
 // The pairs as incidences sorted by owner filter (stable: pairs where the filter
-// is first, then second, each in pair order), as losses._pair_incidences.
+// is first, then second, each in pair order), as kernels.xla.pair_incidences.
 struct Incidences {
   std::vector<int64_t> starts;  // [f + 1]
   std::vector<int32_t> other, pair;
