@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'tensorboard>=2.20,<2.22',  # clu's metric writers
     'matplotlib>=3.8',
     'pillow>=10',
+    'etils[epath]>=1.5',  # workdirs and data dirs on any file system (gs://…); tfds/orbax use it
 ]
 
 setuptools.setup(
@@ -33,5 +34,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+        # Cloud TPU VMs (docs/tpu_pods.md): jax with libtpu, the same jax release as above.
+        'tpu': ['jax[tpu]>=0.10,<0.11'],
     },
 )

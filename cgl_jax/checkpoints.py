@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
-from cgl_jax import models
+from cgl_jax import fileio, models
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 BEST_METRIC = 'eval_top1'  # orbax metrics key ranking checkpoints (higher is better)
@@ -37,8 +38,9 @@ MODEL_ITEM = 'model'
 TRAIN_ITEM = 'train'
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """`workdir/checkpoints` (`workdir` local or remote, e.g. gs://bucket/run)."""
+  return fileio.as_path(workdir) / CHECKPOINT_SUBDIR
 
 
 class TrainStateFields(Protocol):
@@ -138,7 +140,7 @@ def restore(manager: ocp.CheckpointManager, state_template: _State, step: int) -
 
 def available_steps(workdir: str) -> list[int]:
   """Finalised checkpoint steps in `workdir`, ascending ([] when there are none)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).is_dir():
     return []
   with create_manager(workdir, read_only=True) as manager:
     return sorted(manager.all_steps())
@@ -148,7 +150,7 @@ def best_step(workdir: str) -> int | None:
   """The kept step with the highest validation top-1 (the EARLIER one on ties: the first epoch
   at the maximum, as the authors' `if acc > best`), or None when no kept step was saved with
   metrics."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).is_dir():
     return None
   with create_manager(workdir, read_only=True) as manager:
     top1 = {step: (manager.metrics(step) or {}).get(BEST_METRIC) for step in manager.all_steps()}

@@ -1,21 +1,39 @@
-"""tfds input pipeline: deterministic, resumable, per-process batches of normalised images.
+"""tfds input pipeline: deterministic, resumable, topology-invariant batches of normalised images.
 
     batches = create_split(config.dataset, split='train', train=True, batch_size=256, seed=0,
                            start_step=restored_step)
     for batch in prefetch_to_device(batches, 2, NamedSharding(mesh, P('data'))): ...
 
-Determinism and resumption. Every random choice is a function of (seed, process, position):
-- Each process reads its own equal shard of the split (`tfds.even_splits`), in file order.
-- Epoch e of a shard is that shard shuffled through a buffer of `shuffle_buffer` examples whose
-  seed is derived from (seed, process, e); the train stream is epoch 0, 1, 2, … concatenated and
-  batched with `drop_remainder` (a batch may straddle two epochs).
-- Example n of the stream (n = step·b + row) is augmented with stateless ops seeded from
-  (seed, process, n).
-So the batch at step k depends on k only: `create_split(..., start_step=k)` starts at epoch
-⌊k·b / N⌋ and skips the first (k·b mod N) examples of it (still encoded, so skipping costs
-reading, not decoding), and yields exactly the batches an uninterrupted run sees from step k on.
+One global order, whatever the topology. The examples of global batch k, and their order, are a
+function of (seed, k) only, not of the number of processes or devices:
+- Every process reads the whole split in file order (images still encoded) and computes the same
+  global stream: epoch e is the split shuffled through a buffer of `shuffle_buffer` examples
+  whose seed is derived from (seed, e); the stream is epoch 0, 1, 2, … concatenated, and global
+  batch k is its examples k·B … (k+1)·B − 1 (a batch may straddle two epochs).
+- Process p of P keeps rows [p·b, (p+1)·b) of each global batch (b = B / P) and drops the others
+  BEFORE decoding, so each process decodes and augments only its own rows;
+  `jax.make_array_from_process_local_data` puts the slices back together in process order when
+  each process's devices form one block of the mesh (the trainer's mesh lists devices by
+  process).
+- Example n of the stream (n = k·B + row) is augmented with stateless ops seeded from
+  (seed, n), so its augmentation does not depend on which process decodes it.
+So 1 process with 1 or D devices and D processes see the same global batches, and a checkpoint
+written with one topology resumes with another. `create_split(..., start_step=k)` starts at
+epoch ⌊k·B / N⌋ and skips the first (k·B mod N) examples of it (still encoded, so skipping
+costs reading, not decoding), and yields exactly the batches an uninterrupted run sees from
+step k on.
 tfds shuffles examples when it writes a dataset, so reading files in order and shuffling through
 a buffer mixes classes well.
+
+Cost of the global order: each of the P processes reads (not decodes) the whole encoded split
+(N examples; the split has N examples throughout this docstring), P times the data of a
+per-process shard. Negligible for the shapes data and CIFAR; for ImageNet-sized splits every host
+reads the whole ~140 GB per epoch, so each host's read bandwidth from the data dir must cover
+that (not measured here).
+
+Evaluation is one ordered pass split the same way: global batch k holds examples k·B … (k+1)·B − 1
+of the split in file order, zero-padded (mask False) to ⌈N / B⌉ full batches, and process p keeps
+its rows of each; every example is seen exactly once.
 
 Augmentation (`dataset_config.augment`, training only):
 - 'random_resized_crop' (the paper; torchvision RandomResizedCrop): a crop of 8–100 % of the
@@ -169,9 +187,13 @@ def _read(builder, split):
                             read_config=tfds.ReadConfig(add_tfds_id=False))
 
 
-def _stream_seed(seed: int, process_index: int, salt: int) -> int:
-  """A 31-bit seed for one random stream of one process, well mixed from its parts."""
-  return int(np.random.SeedSequence([seed, process_index, salt]).generate_state(1)[0] >> 1)
+def _stream_seed(seed: int, salt: int) -> int:
+  """A 31-bit seed for one random stream (the same in every process), well mixed from its parts.
+
+  The middle word is 0: the streams are those that single-process runs have always used, so
+  their data order (and results) stay reproducible.
+  """
+  return int(np.random.SeedSequence([seed, 0, salt]).generate_state(1)[0] >> 1)
 
 
 def _decode_and_crop(image_bytes, crop_window_fn):
@@ -295,14 +317,15 @@ def _check_split_args(dataset_config, *, batch_size: int, process_index: int,
 def create_split(dataset_config, *, split: str, train: bool, batch_size: int, seed: int,
                  start_step: int = 0, process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[Batch]:
-  """Numpy batches of this process's share of `split`.
+  """Numpy batches of this process's rows of the global batches of `split`.
 
   Args:
     dataset_config: `config.dataset` (name, data_dir, download, image_size, augment, mean, std,
       shuffle_buffer).
     split: tfds split (e.g. 'train', 'validation', 'test', 'train[:90%]').
     train: shuffle, augment, repeat forever and drop the remainder; else one ordered pass.
-    batch_size: GLOBAL batch size; each process gets b = batch_size // process_count rows.
+    batch_size: GLOBAL batch size B; each process gets b = B // process_count rows of each
+      global batch, process p rows [p·b, (p+1)·b).
     seed: the data seed (shuffling and augmentation).
     start_step: first step of a resumed run (train only): the iterator then yields the batches
       an uninterrupted iterator yields from its `start_step`-th batch on.
@@ -310,9 +333,9 @@ def create_split(dataset_config, *, split: str, train: bool, batch_size: int, se
 
   Returns:
     An iterator of {'image': float32 [b, S, S, 3] normalised, 'label': int32 [b]}. For
-    evaluation also 'mask': bool [b], False on the zero padding that fills the last batches;
-    every process yields the same number of batches (ceil(ceil(N / P) / b)), so multi-host
-    evaluation steps stay in lockstep, and the real rows cover each example exactly once.
+    evaluation also 'mask': bool [b], False on the zero padding that fills the last global
+    batch; every process yields the same number of batches (⌈N / B⌉), so multi-host evaluation
+    steps stay in lockstep, and the real rows cover each example exactly once.
 
   Raises:
     FileNotFoundError: the dataset is not prepared and downloading is off (names the command).
@@ -324,23 +347,22 @@ def create_split(dataset_config, *, split: str, train: bool, batch_size: int, se
                     process_count=process_count, start_step=start_step, train=train)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf = _tf()
-  local_batch = batch_size // process_count
+  rows = _ProcessRows(global_batch=batch_size, process_index=process_index,
+                      process_count=process_count)
   builder = _prepared_builder(dataset_config)
-  shard = tfds.even_splits(split, n=process_count, drop_remainder=train)[process_index]
-  source = _read(builder, shard).map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  source = _read(builder, split).map(lambda ex: {'image': ex['image'], 'label': ex['label']})
   mean, std = normalization(dataset_config)
   preprocess = functools.partial(_preprocess, train=train, mean=mean, std=std,
                                  **preprocess_options(dataset_config))
   if train:
-    ds = _train_stream(source, local_batch=local_batch, start_step=start_step,
+    ds = _train_stream(source, rows=rows, start_step=start_step,
                        shuffle_buffer=dataset_config.shuffle_buffer,
-                       shuffle_seed=_stream_seed(seed, process_index, _SHUFFLE_SALT),
-                       augment_seed=_stream_seed(seed, process_index, _AUGMENT_SALT),
+                       shuffle_seed=_stream_seed(seed, _SHUFFLE_SALT),
+                       augment_seed=_stream_seed(seed, _AUGMENT_SALT),
                        preprocess=preprocess, name=dataset_config.name, split=split)
   else:
-    total = _split_size(builder, split)
-    ds = _eval_stream(source, local_batch=local_batch,
-                      num_batches=math.ceil(math.ceil(total / process_count) / local_batch),
+    ds = _eval_stream(source, rows=rows,
+                      num_batches=math.ceil(_split_size(builder, split) / batch_size),
                       image_size=dataset_config.image_size, preprocess=preprocess)
   options = tf.data.Options()
   options.deterministic = True
@@ -348,19 +370,37 @@ def create_split(dataset_config, *, split: str, train: bool, batch_size: int, se
   return iter(tfds.as_numpy(ds))
 
 
-def _train_stream(source, *, local_batch: int, start_step: int, shuffle_buffer: int,
+class _ProcessRows:
+  """Which positions n of a global stream (n = k·B + row) belong to this process."""
+
+  def __init__(self, *, global_batch: int, process_index: int, process_count: int):
+    self.global_batch = global_batch
+    self.local_batch = global_batch // process_count
+    self.process_index = process_index
+
+  def keep(self, position):
+    """tf bool: stream position `position` (int64) falls in this process's rows."""
+    row = position % self.global_batch
+    return row // self.local_batch == self.process_index
+
+  def select(self, ds):
+    """The elements (position, example) of an enumerated stream that are this process's."""
+    return ds.filter(lambda position, example: self.keep(position))
+
+
+def _train_stream(source, *, rows: _ProcessRows, start_step: int, shuffle_buffer: int,
                   shuffle_seed: int, augment_seed: int, preprocess, name: str, split: str):
-  """Epochs of `source`, each shuffled with its own seed, from batch `start_step` on."""
+  """This process's rows of the global epochs of `source`, from global batch `start_step` on."""
   tf = _tf()
-  shard_size = int(source.cardinality())
-  if shard_size < 0:
+  split_size = int(source.cardinality())
+  if split_size < 0:
     raise ValueError(f"Split '{split}' of '{name}' has unknown size (tf.data cardinality "
-                     f'{shard_size}); cannot compute epoch boundaries to resume from')
-  if shard_size < local_batch:
-    raise ValueError(f"Split '{split}' of '{name}' has {shard_size} examples per process, "
-                     f'fewer than the per-process batch {local_batch}')
-  first_example = start_step * local_batch
-  first_epoch, skip = divmod(first_example, shard_size)
+                     f'{split_size}); cannot compute epoch boundaries to resume from')
+  if split_size < rows.global_batch:
+    raise ValueError(f"Split '{split}' of '{name}' has {split_size} examples, fewer than the "
+                     f'global batch {rows.global_batch}')
+  first_example = start_step * rows.global_batch
+  first_epoch, skip = divmod(first_example, split_size)
 
   def epoch(index):
     # A full-range int64 seed per epoch (tf's stateless_fold_in would keep the first word).
@@ -370,29 +410,31 @@ def _train_stream(source, *, local_batch: int, start_step: int, shuffle_buffer: 
     return source.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
   ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
-  ds = ds.skip(skip).enumerate(start=first_example)
+  ds = rows.select(ds.skip(skip).enumerate(start=first_example))
 
   def augment(position, example):
     seed = tf.stack([tf.constant(augment_seed, tf.int64), position])
     return {'image': preprocess(example['image'], seed),
             'label': tf.cast(example['label'], tf.int32)}
 
-  return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch,
+  return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(rows.local_batch,
                                                                       drop_remainder=True)
 
 
-def _eval_stream(source, *, local_batch: int, num_batches: int, image_size: int, preprocess):
-  """One ordered pass, padded with masked zero images to `num_batches` full batches."""
+def _eval_stream(source, *, rows: _ProcessRows, num_batches: int, image_size: int, preprocess):
+  """This process's rows of one ordered pass in `num_batches` global batches; the last global
+  batch is filled with masked zero images (all of them at the end of each process's rows)."""
   tf = _tf()
   unused_seed = tf.zeros([2], tf.int64)
-  real = source.map(lambda ex: {'image': preprocess(ex['image'], unused_seed),
-                                'label': tf.cast(ex['label'], tf.int32),
-                                'mask': tf.constant(True)},
-                    num_parallel_calls=tf.data.AUTOTUNE)
+  real = rows.select(source.enumerate()).map(
+      lambda position, ex: {'image': preprocess(ex['image'], unused_seed),
+                            'label': tf.cast(ex['label'], tf.int32),
+                            'mask': tf.constant(True)},
+      num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros((image_size, image_size, 3), tf.float32),
       'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}).repeat()
-  return real.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+  return real.concatenate(padding).take(num_batches * rows.local_batch).batch(rows.local_batch)
 
 
 def _put(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:

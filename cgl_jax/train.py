@@ -16,8 +16,10 @@ AdamW is). With R_bn on (λ_bn > 0) the weight decay is 0 on every parameter (me
 Parallelism: a 1-D mesh `('data',)` over all devices; batches are `NamedSharding(mesh, P('data'))`,
 the train state is replicated (`P()`). Under `jax.jit` every batch reduction (CE mean, BN
 statistics, the per-channel std of the soft masks, metrics) is over the GLOBAL batch, so N devices
-compute what one device would on the same global batch. Each process loads only its share of the
-batch (`process_index`, `process_count`).
+compute what one device would on the same global batch. With several processes (one per host,
+`cgl_jax.distributed`) each process decodes only its rows of each global batch, and the global
+batches do not depend on the topology (input_pipeline), so 1 process × N devices and N processes
+× 1 device train the same model, and a checkpoint resumes under any topology.
 
 Determinism and resume: everything random is a function of (config.seed, step): the data order
 (`input_pipeline.create_split(start_step=…)`), dropout and the sampled L_g pairs
@@ -27,6 +29,10 @@ and continues to exactly the parameters an uninterrupted run reaches.
 Non-finite loss: every step returns its loss terms; the host inspects them one step late (so that
 checking does not stall the device) and always before a checkpoint is written, and raises
 `NonFiniteLossError` naming the step and the term. The bad state is never saved.
+
+Preemption (multi-process runs): jax.distributed turns SIGTERM (what a Cloud TPU VM gets before
+it is reclaimed) into a preemption notice; all processes then stop after one agreed step, save it
+and raise `PreemptedError`, and rerunning the same command continues from there.
 """
 from __future__ import annotations
 
@@ -34,7 +40,6 @@ import collections
 import functools
 import itertools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +53,7 @@ from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cgl_jax import checkpoints, input_pipeline, models, regularize
+from cgl_jax import checkpoints, distributed, fileio, input_pipeline, models, regularize
 from cgl_jax.config_validation import validate_config
 
 Batch = Mapping[str, Any]
@@ -56,6 +61,12 @@ Batch = Mapping[str, Any]
 
 class NonFiniteLossError(FloatingPointError):
   """A train step produced a NaN/inf loss term; training stops, earlier checkpoints stay."""
+
+
+class PreemptedError(RuntimeError):
+  """A multi-process run got a preemption notice (SIGTERM, e.g. a spot TPU being reclaimed):
+  every process stopped after the same step, whose checkpoint is saved; rerunning the same
+  command resumes from it."""
 
 
 @flax.struct.dataclass
@@ -334,17 +345,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Writes TensorBoard summaries and checkpoints under `workdir`; returns the final state.
   Raises `config_validation.ConfigError` before compiling anything when the config cannot work,
-  and `NonFiniteLossError` when a loss term becomes NaN/inf.
+  `NonFiniteLossError` when a loss term becomes NaN/inf, `PreemptedError` after saving the step
+  where a multi-process run stopped on a preemption notice, and
+  `distributed.PeerProcessError` when another process of the run died.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = fileio.as_path(workdir)  # local or remote (gs://…)
   model = models.from_config(config)
   conv_layers = model.conv_layers()
   validate_config(config, conv_layers=conv_layers, device_count=jax.device_count(),
                   process_count=jax.process_count())
 
   # Auto (GSPMD) axes: XLA inserts the cross-device reductions of the global-batch statistics.
-  mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  # Devices in process order: process p's rows of a global batch (input_pipeline) then land at
+  # rows [p·b, (p+1)·b) of the global array, as with one process (dropout masks follow rows).
+  devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
 
@@ -353,8 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       config.optimizer, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
   tx = create_optimizer(config.optimizer, learning_rate=learning_rate,
                         weight_decay=effective_weight_decay(config))
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = jax.device_put(train_key, replicated)
+  # Made inside jit: a host-local key cannot be device_put onto devices of other processes.
+  init_key, train_key = jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed))),
+                                out_shardings=replicated)()
 
   state = jax.jit(
       functools.partial(create_train_state, model, tx, image_size=config.dataset.image_size,
@@ -375,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  checkpoints.checkpoint_dir(workdir))
   initial_step = int(state.step)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if initial_step == 0:
     writer.write_hparams(_flat_hparams(config))
   parameter_overview.log_parameter_overview(state.params)
@@ -402,7 +419,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   train_metrics = None
   try:
-    with metric_writers.ensure_flushes(writer):
+    with distributed.peer_failures_raise('training'), metric_writers.ensure_flushes(writer):
+      # jax's preemption sync point is the step after the last one a process asked about when the
+      # notice came: ask about the restored step first, so a notice during the first step stops
+      # the run after it (a notice before this line, during start-up, is not seen).
+      if manager.reached_preemption(initial_step):
+        raise PreemptedError(f'preempted before the first train step; the latest checkpoint '
+                             f'(step {initial_step}) is unchanged; rerun the same command')
       for step in range(initial_step + 1, num_train_steps + 1):
         is_last = step == num_train_steps
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -429,10 +452,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write_scalars(step, {f'eval/{name}': value
                                       for name, value in eval_metrics.items()})
 
-        if step % checkpoint_every == 0 or is_last:
+        # After a preemption notice all processes agree on a step (always False without
+        # jax.distributed): save it and stop.
+        preempted = manager.reached_preemption(step)
+        if step % checkpoint_every == 0 or is_last or preempted:
           check_unchecked()
           with report_progress.timed('checkpoint'):
             checkpoints.save(manager, state, eval_metrics=eval_metrics)
+        if preempted:
+          raise PreemptedError(
+              f'preempted: stopped after train step {step} of {num_train_steps} and saved it in '
+              f'{checkpoints.checkpoint_dir(workdir)}; rerun the same command to resume')
       check_unchecked()
   finally:
     # A save of an earlier (good) step may still be in flight: let it finalise.

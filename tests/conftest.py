@@ -15,8 +15,8 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_python(code: str, *, num_devices: int = 1, timeout: float = 600, env=None):
-  """Runs `code` in a fresh Python process; returns CompletedProcess (asserts rc 0)."""
+def subprocess_env(*, num_devices: int = 1, env=None) -> dict[str, str]:
+  """The environment of a test subprocess: `num_devices` CPU devices, the repo importable."""
   full_env = dict(os.environ)
   full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   full_env["JAX_PLATFORMS"] = "cpu"
@@ -24,6 +24,12 @@ def run_python(code: str, *, num_devices: int = 1, timeout: float = 600, env=Non
   full_env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   if env:
     full_env.update(env)
+  return full_env
+
+
+def run_python(code: str, *, num_devices: int = 1, timeout: float = 600, env=None):
+  """Runs `code` in a fresh Python process; returns CompletedProcess (asserts rc 0)."""
+  full_env = subprocess_env(num_devices=num_devices, env=env)
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
                         capture_output=True, text=True, timeout=timeout,
                         env=full_env, cwd=REPO_ROOT)

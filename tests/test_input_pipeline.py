@@ -250,25 +250,49 @@ def shapes_tiny(tmp_path_factory):
 
 
 def test_eval_shards_cover_every_example_exactly_once(shapes_tiny):
-  """3 processes × 4 rows: 30 examples each → 8 batches each, 2 padded rows each."""
+  """3 processes × 4 rows of global batches of 12: 90 examples → 8 global batches, the last one
+  with 6 real rows (processes 0 and 1) and 6 padded (process 1's last 2, all of process 2's)."""
   config, raw_images, raw_labels = shapes_tiny
   assert input_pipeline.num_examples(config, 'validation') == len(raw_images) == 90
-  images, labels, batch_counts = [], [], []
-  for process_index in range(3):
-    batches = list(input_pipeline.create_split(
-        config, split='validation', train=False, batch_size=12, seed=0,
-        process_index=process_index, process_count=3))
-    batch_counts.append(len(batches))
-    for batch in batches:
-      images.append(batch['image'][batch['mask']])
-      labels.append(batch['label'][batch['mask']])
-  assert batch_counts == [8, 8, 8]
-  np.testing.assert_allclose(_denormalise(config, np.concatenate(images)), raw_images,
-                             atol=1e-3)
-  np.testing.assert_array_equal(np.concatenate(labels), raw_labels)
+  per_process = [list(input_pipeline.create_split(
+      config, split='validation', train=False, batch_size=12, seed=0,
+      process_index=process_index, process_count=3)) for process_index in range(3)]
+  assert [len(batches) for batches in per_process] == [8, 8, 8]
+  assert [batches[-1]['mask'].tolist() for batches in per_process] == [
+      [True] * 4, [True, True, False, False], [False] * 4]
+  # Global batch k is the processes' batches k side by side: the split in file order.
+  global_batches = [{key: np.concatenate([batches[k][key] for batches in per_process])
+                     for key in ('image', 'label', 'mask')} for k in range(8)]
+  images = np.concatenate([b['image'][b['mask']] for b in global_batches])
+  labels = np.concatenate([b['label'][b['mask']] for b in global_batches])
+  np.testing.assert_allclose(_denormalise(config, images), raw_images, atol=1e-3)
+  np.testing.assert_array_equal(labels, raw_labels)
 
 
-def test_train_shards_of_processes_are_disjoint(shapes_tiny):
+@pytest.mark.parametrize('start_step', [0, 29])
+def test_global_batches_do_not_depend_on_the_process_count(shapes_tiny, start_step):
+  """Global batch 12, augmented: 1, 2 and 3 processes give the same global batches (the
+  process slices side by side), resumed mid-epoch too (step 29 starts at example 348 of 360)."""
+  config = shapes_tiny[0].copy_and_resolve_references()
+  config.augment = 'pad_crop'
+
+  def global_batches(process_count):
+    per_process = [_take(config, 3, batch_size=12, seed=5, start_step=start_step,
+                         process_index=index, process_count=process_count)
+                   for index in range(process_count)]
+    return [{key: np.concatenate([batches[k][key] for batches in per_process])
+             for key in ('image', 'label')} for k in range(3)]
+
+  one = global_batches(1)
+  for process_count in (2, 3):
+    for k, (expected, actual) in enumerate(zip(one, global_batches(process_count))):
+      np.testing.assert_array_equal(actual['image'], expected['image'],
+                                    err_msg=f'{process_count} processes, batch {k}')
+      np.testing.assert_array_equal(actual['label'], expected['label'])
+  assert not np.array_equal(one[0]['image'], one[1]['image'])
+
+
+def test_processes_decode_disjoint_rows(shapes_tiny):
   config = shapes_tiny[0].copy_and_resolve_references()
   config.augment = 'none'
   per_process = [set(_rows(_denormalise(config, np.concatenate([b['image'] for b in _take(

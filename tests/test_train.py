@@ -29,17 +29,19 @@ from cgl_jax.config_validation import ConfigError, validate_config
 
 NUM_MOCK = 48  # examples per split of the mocked cifar10
 
-# Runs in a fresh interpreter (conftest.run_python): trains tiny_config(**OVERRIDES) in WORKDIR
-# and saves the final params to OUT.
+# Runs in a fresh interpreter (conftest.run_python, or each process of
+# multiprocess_util.run_processes): runs PRELUDE, trains tiny_config(**OVERRIDES) in WORKDIR and
+# saves the final params to OUT ('{{process}}' in it: the jax process index).
 _SUBPROCESS_TRAIN = '''
 import sys
+import jax
 import numpy as np
 sys.path.insert(0, 'tests')
+{prelude}
 from test_train import flat_params, tiny_config
 from cgl_jax import train
-{prelude}
 state = train.train_and_evaluate(tiny_config(**{overrides!r}), {workdir!r})
-np.savez({out!r}, **flat_params(state.params))
+np.savez({out!r}.format(process=jax.process_index()), **flat_params(state.params))
 '''
 
 

@@ -1,4 +1,4 @@
-"""The Broden segmentation format: one reader and one writer (numpy + PIL only).
+"""The Broden segmentation format: one reader and one writer (numpy, PIL, etils.epath).
 
 Broden (Bau et al., CVPR 2017) is the probe set of Network Dissection. A Broden directory holds
 
@@ -25,15 +25,18 @@ import concurrent.futures
 import copy
 import csv
 import dataclasses
+import io
 import os
 import re
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from cgl_jax import fileio
 
+INDEX_FILE = 'index.csv'
 INDEX_META_COLUMNS = ('image', 'split', 'ih', 'iw', 'sh', 'sw')
 CATEGORY_COLUMNS = ('name', 'first', 'last', 'count', 'frequency')
 LABEL_COLUMNS = ('number', 'name', 'category', 'frequency', 'coverage', 'syns')
@@ -62,7 +65,7 @@ def encode_label_png(label_ids: np.ndarray) -> np.ndarray:
 
 def decode_label_png(path: str) -> np.ndarray:
   """Reads a Broden segmentation PNG → int32 [H, W] label ids (R + 256·G)."""
-  with Image.open(path) as png:
+  with epath.Path(path).open('rb') as f, Image.open(f) as png:
     if png.mode in ('L', 'I', 'I;16'):  # single-channel: the value is the id itself
       return np.asarray(png, dtype=np.int32)
     rgb = np.asarray(png.convert('RGB'), dtype=np.int32)
@@ -152,8 +155,9 @@ def write_broden(directory: str, *, images: np.ndarray,
   """Writes a Broden-format probe set; returns `directory`.
 
   Args:
-    directory: where to write; created atomically (written into a sibling temp dir, then renamed),
-      so readers never see a half-written data set.
+    directory: where to write, local or remote (gs://…); written whole (`fileio.atomic_directory`:
+      locally a sibling temp dir renamed into place, on object stores an upload with index.csv
+      last), so readers never see a half-written data set.
     images: uint8 [N, H, W, 3], stored as `image_format`.
     concepts: (name, category) pairs; concept i (0-based) gets the global label id i + 1
       (0 = no label). Categories are ordered by first appearance.
@@ -179,7 +183,6 @@ def write_broden(directory: str, *, images: np.ndarray,
   if len(splits) != len(images) or not all(isinstance(x, str) and x for x in splits):
     raise ValueError(f'splits must name a split (non-empty str) for each of the {len(images)} '
                      f'images; got {len(splits)} entries')
-  directory = os.path.abspath(directory)
   num_images, height, width, _ = images.shape
   seg_h, seg_w = (np.shape(next(iter(pixel_labels.values())))[1:]
                   if pixel_labels else (height, width))
@@ -188,7 +191,8 @@ def write_broden(directory: str, *, images: np.ndarray,
   label_coverage = np.zeros(num_labels, np.float64)
   category_frequency = {c: 0 for c in categories}
 
-  with fileio.atomic_directory(directory, overwrite=overwrite) as staging:
+  # index.csv last: on object stores a directory with an index.csv is complete (fileio).
+  with fileio.atomic_directory(directory, overwrite=overwrite, commit_file=INDEX_FILE) as staging:
     os.makedirs(os.path.join(staging, 'images'))
     index_rows = []
     for i in range(num_images):
@@ -216,7 +220,7 @@ def write_broden(directory: str, *, images: np.ndarray,
         category_frequency[category] += bool(entries)
         row.append(';'.join(entries))
       index_rows.append(row)
-    _write_csv(os.path.join(staging, 'index.csv'), INDEX_META_COLUMNS + tuple(categories),
+    _write_csv(os.path.join(staging, INDEX_FILE), INDEX_META_COLUMNS + tuple(categories),
                index_rows)
 
     ids_of = {c: [i for i in range(1, num_labels) if label_category[i] == c] for c in categories}
@@ -275,11 +279,16 @@ class IndexRow:
   image_labels: Mapping[str, tuple[int, ...]]  # category → image-level label ids
 
 
+def _open_csv(path: str):
+  """A CSV file of a local or remote directory, opened for csv.reader."""
+  return io.StringIO(epath.Path(path).read_bytes().decode('utf-8'), newline='')
+
+
 def _read_csv(path: str, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
   """Reads a CSV with a header → [(line number, {column: value})], checking the columns."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f'Broden file missing: {path}')
-  with open(path, newline='') as f:
+  with _open_csv(path) as f:
     reader = csv.reader(f)
     try:
       header = next(reader)
@@ -335,8 +344,8 @@ class Broden:
 
   def __init__(self, directory: str, *, split: str | None = None,
                categories: Sequence[str] | None = None):
-    self.directory = os.path.abspath(os.path.expanduser(directory))
-    if not os.path.isdir(self.directory):
+    self.directory = os.fspath(fileio.as_path(directory))  # local or remote (gs://…)
+    if not epath.Path(self.directory).is_dir():
       raise FileNotFoundError(f'Broden directory missing: {self.directory}')
     path = lambda name: os.path.join(self.directory, name)
 
@@ -386,7 +395,7 @@ class Broden:
                           counts.get(number, {})))
     self.labels: tuple[Label, ...] = tuple(labels)
 
-    index_path = path('index.csv')
+    index_path = path(INDEX_FILE)
     index_rows = _read_csv(index_path, INDEX_META_COLUMNS)
     rows = tuple(self._parse_index_row(index_path, line, row) for line, row in index_rows
                  if split is None or row['split'] == split)
@@ -481,9 +490,9 @@ class Broden:
   def load_image(self, i: int, image_size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 [H, W, 3] image `i`, bilinearly resized to `image_size` (h, w) when given."""
     path = self.image_path(i)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(f'Broden image missing: {path} (index.csv row {i})')
-    with Image.open(path) as image:
+    with epath.Path(path).open('rb') as f, Image.open(f) as image:
       image = image.convert('RGB')
       if image_size is not None and image.size != (image_size[1], image_size[0]):
         image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
@@ -500,7 +509,7 @@ class Broden:
     out = np.zeros((num_layers,) + tuple(size), np.int32)
     for layer, relative in enumerate(row.segmentations.get(category, ())[:num_layers]):
       path = os.path.join(self.directory, 'images', relative)
-      if not os.path.isfile(path):
+      if not epath.Path(path).is_file():
         raise FileNotFoundError(f'Broden segmentation missing: {path} '
                                 f'(index.csv row for {row.image}, category {category!r})')
       out[layer] = _nearest_resize(decode_label_png(path), size)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
+from cgl_jax import distributed, fileio
 from cgl_jax.data import broden as broden_lib
 from cgl_jax.dissect import measurement
 from cgl_jax.dissect.report import write_report
@@ -47,17 +50,18 @@ def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
                      f'{builder_name!r}; known: {sorted(builtin)}')
   kwargs = builtin[builder_name].generator_kwargs()
   chosen = measurement.resolve(config.dissect)
-  root = config.dataset.data_dir or os.path.join(workdir, 'dissect')
+  root = config.dataset.data_dir or fileio.as_path(workdir) / 'dissect'
   key = '_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))
   suffix = '' if chosen['image_format'] == 'png' else f'_jpeg{broden_lib.JPEG_QUALITY}'
-  directory = os.path.join(root, 'broden', f'cgl_shapes_{chosen["probe_split"]}_{key}{suffix}')
-  if not os.path.isdir(directory):
+  directory = (fileio.as_path(root) / 'broden'
+               / f'cgl_shapes_{chosen["probe_split"]}_{key}{suffix}')
+  if not (directory / broden_lib.INDEX_FILE).exists():
     try:
-      shapes.export_broden(directory, split=chosen['probe_split'],
+      shapes.export_broden(os.fspath(directory), split=chosen['probe_split'],
                            image_format=chosen['image_format'], **kwargs)
     except FileExistsError:  # another process exported it meanwhile (the write is atomic)
       pass
-  return directory
+  return os.fspath(directory)
 
 
 CHECKPOINTS = ('latest', 'best')
@@ -65,10 +69,14 @@ CHECKPOINTS = ('latest', 'best')
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> str:
   """Dissects checkpoint `step` of `workdir` as `config.dissect` says; returns the output folder
-  `workdir/dissect/step_<step>`.
+  `workdir/dissect/step_<step>` (`workdir` local or gs://…).
 
   step None: `config.dissect.checkpoint` picks it, 'latest' or 'best' (the kept step of highest
   validation top-1, the earliest of ties: `checkpoints.best_step`).
+
+  With several processes (a pod; cgl_jax.distributed), every process computes the dissection on
+  its own devices (the same numbers as one process), process 0 alone exports the probe set if
+  needed and writes the report, and the others wait for it, so all return once it is complete.
   """
   from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax)
   settings = DissectionSettings.from_config(config)
@@ -82,8 +90,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
           f"config.dissect.checkpoint='best', but no kept checkpoint in "
           f'{checkpoints.checkpoint_dir(workdir)} was saved with validation metrics; evaluate '
           "when checkpointing, or set config.dissect.checkpoint='latest'")
-  model, variables, step = checkpoints.restore_model(config, workdir, step=step)
-  data = broden_lib.Broden(probe_directory(config, workdir), categories=settings.categories)
-  result = compute(model, variables, data, settings)
-  return write_report(result, os.path.join(workdir, 'dissect', f'step_{step}'), step=step,
-                      data=data)
+  outdir = os.fspath(fileio.as_path(workdir) / 'dissect')
+  with distributed.peer_failures_raise('dissecting'):
+    model, variables, step = checkpoints.restore_model(config, workdir, step=step)
+    # Process 0 first: on a shared data_dir the others then find its export.
+    if jax.process_index() == 0:
+      probe = probe_directory(config, workdir)
+    _wait_for_process_0(f'cgl_jax.dissect: probe set of step {step} exported')
+    if jax.process_index() > 0:
+      probe = probe_directory(config, workdir)
+    data = broden_lib.Broden(probe, categories=settings.categories)
+    result = compute(model, variables, data, settings)
+    outdir = f'{outdir}/step_{step}'
+    if jax.process_index() == 0:
+      write_report(result, outdir, step=step, data=data)
+    _wait_for_process_0(f'cgl_jax.dissect: report of step {step} written')
+  return outdir
+
+
+def _wait_for_process_0(name: str) -> None:
+  """All processes meet here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

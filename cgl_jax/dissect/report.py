@@ -2,8 +2,9 @@
 
 `write_report(result, outdir, step=…, data=…)` writes everything a `results.DissectionResult`
 holds; the numbers all come from the result, this module only formats them. The files go into a
-staging folder that replaces `outdir` in one rename (`fileio.atomic_directory`), so a crash never
-leaves a half-written report. Layout of `outdir`:
+staging folder that replaces `outdir` whole (`fileio.atomic_directory`): locally in one rename, so
+a crash never leaves a half-written report; on object stores (gs://…) by an upload with
+`summary.json` last, so a report with a `summary.json` is complete. Layout of `outdir`:
 
     report.html                    one self-contained page linking everything below
     summary.json                   per layer and IoU threshold: detectors, unique detectors (per
@@ -45,18 +46,18 @@ def category_colour(index: int) -> str:
 # The report folder.
 
 
-def write_report(result: results_lib.DissectionResult, outdir: str, *, step: int,
+def write_report(result: results_lib.DissectionResult, outdir: str | os.PathLike, *, step: int,
                  data: broden_lib.Broden) -> str:
   """Writes every output of `result` into `outdir` (replaced whole); returns `outdir`.
 
   Args:
     result: from `results.compute`.
-    outdir: the report folder, e.g. `workdir/dissect/step_<step>`.
+    outdir: the report folder, e.g. `workdir/dissect/step_<step>` (local or gs://…).
     step: the checkpoint step that was dissected (recorded in the summaries and titles).
     data: the probe set `result` was computed on (the unit strips show its images).
   """
   settings = result.settings
-  with fileio.atomic_directory(outdir) as staging:
+  with fileio.atomic_directory(outdir, commit_file='summary.json') as staging:
     layer_pages = {name: _write_layer(staging, layer, result, step=step, data=data)
                    for name, layer in result.layers.items()}
     summary = _step_summary(result, step=step,
