@@ -79,8 +79,8 @@ def get_config(variant: str = 'cgl'):
   config.dataset.image_size = size['image_size']  # the 64×64 images are resized to this
   config.dataset.augment = size['augment']
   config.dataset.pad_value = BACKGROUND
-  if options['size'] == 'paper':
-    config.dataset.eval_crop = 'none'  # the authors' Resize(64) + CenterCrop(64): the identity
+  # Evaluate on the whole image, as the authors' Resize(64) + CenterCrop(64) of 64-px images.
+  config.dataset.eval_crop = 'none'
   config.dataset.shuffle_buffer = 25_000  # the whole train split
 
   config.batch_size = size['batch_size']

@@ -78,7 +78,8 @@ def test_shapes_paper_is_the_authors_recipe():
   assert paper.model.kwargs.initializer == 'pytorch' and 'initializer' not in small.model.kwargs
   assert (paper.num_epochs, paper.optimizer.schedule, paper.optimizer.step_every_epochs,
           paper.optimizer.step_factor) == (90, 'step', 30, 0.1)
-  assert (paper.dataset.eval_crop, small.dataset.eval_crop) == ('none', None)
+  assert paper.dataset.eval_crop == small.dataset.eval_crop == 'none'
+  assert load('shapes.py', 'paper,baseline').dataset.eval_crop == 'none'
   assert paper.dataset.pad_value == small.dataset.pad_value == (255.0, 255.0, 255.0)
   assert (paper.dissect.checkpoint, small.dissect.checkpoint) == ('best', 'latest')
   assert paper.dissect.measurement == 'netdissect_lite'
