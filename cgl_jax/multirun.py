@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cgl_jax import checkpoints, device_augment, input_pipeline, models, regularize, train
+from cgl_jax import device_augment, input_pipeline, models, regularize, train
 from cgl_jax.data import device_data
 
 AUGMENT_SALT = 0xA06  # keeps the augmentation's key apart from the other keys of a seed
@@ -186,9 +186,12 @@ class MultiRun:
     self.run_axis = run_axis
     self.config = config
     self.specs = tuple(specs)
-    self.model = checkpoints.create_model(config)
+    self.model = models.from_config(config)
     self.conv_layers = self.model.conv_layers()
     self.terms = needed_terms(specs)
+    # One device steps every run, so the kernels are those of a single device.
+    self.kernels = (regularize.resolve_kernels(config.cgl, num_devices=1)
+                    if {'l_g', 'l_s'} & set(self.terms) else None)
     self.batch_size = int(config.batch_size)
     self.steps_per_epoch = device_data.steps_per_epoch(num_train_examples, self.batch_size)
     self.num_epochs = int(config.num_epochs)
@@ -284,7 +287,8 @@ class MultiRun:
     sown = models.get_intermediates(updates) if 'intermediates' in self.mutable else {}
     terms = regularize.cgl_terms(self.config.cgl, params=params, intermediates=sown,
                                  conv_layers=self.conv_layers, key=pairs_key,
-                                 batch_stats=batch_stats, terms=self.terms)
+                                 batch_stats=batch_stats, terms=self.terms,
+                                 kernels=self.kernels)
     weighted = jnp.zeros((), jnp.float32)
     for name, value in terms.items():
       weighted = weighted + hparams[regularize.TERM_LAMBDAS[name]] * value

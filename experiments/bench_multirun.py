@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import statistics
 import sys
 import time
 
 import jax
 
-from cgl_jax import multirun
+from cgl_jax import default_config, multirun
 from cgl_jax.data import device_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +46,7 @@ ROW_CYCLE = (('baseline', dict(weight_decay=1e-4)), ('rbn', dict(lambda_bn=1e-3)
 
 def bench_config(size: str, batch_size: int):
   widths, image_size, augment, groups = SIZES[size]
-  config = runpy.run_path(os.path.join(REPO, 'configs', 'shapes.py'))['get_config']('cgl,paper')
+  config = default_config.load_config_file(os.path.join(REPO, 'configs', 'shapes.py') + ':cgl,paper')
   config.model.kwargs.widths = widths
   config.dataset.image_size = image_size
   config.dataset.augment = augment

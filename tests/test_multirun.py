@@ -3,7 +3,6 @@ bit-exact, the best epoch is the first at the maximum, and exports load with res
 import functools
 import json
 import os
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cgl_jax import checkpoints, models, multirun, multirun_loop, regularize, train
+from cgl_jax import checkpoints, default_config, models, multirun, multirun_loop, regularize, train
 from cgl_jax.data import device_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +23,8 @@ ROWS = {'baseline': dict(weight_decay=1e-4),
 
 
 def tiny_config(num_epochs=2, augment='random_resized_crop'):
-  config = runpy.run_path(os.path.join(REPO, 'configs', 'shapes.py'))['get_config'](
-      'cgl,paper,tiny')
+  config = default_config.load_config_file(
+      os.path.join(REPO, 'configs', 'shapes.py') + ':cgl,paper,tiny')
   config.model.kwargs.widths = (4, 10)
   config.cgl.num_groups = 2
   config.dataset.image_size = SIZE
@@ -101,7 +100,7 @@ def test_terms_and_update_equal_the_trainers(data, specs):
   start_params = jax.device_get(start.params)  # the state is donated below
   orders = trainer.epoch_orders(start, len(data['train']))
   state, terms = trainer.train_step(start, data['train'], orders)
-  model = checkpoints.create_model(config)
+  model = models.from_config(config)
   for index, spec in enumerate(specs):
     single = multirun.run_config(config, spec)
     params = jax.tree.map(lambda x: jnp.asarray(x[index]), start_params)
@@ -126,7 +125,7 @@ def test_terms_and_update_equal_the_trainers(data, specs):
       cgl = regularize.cgl_terms(single.cgl, params=trainable['params'],
                                  intermediates=models.get_intermediates(updates),
                                  conv_layers=model.conv_layers(), key=pairs_key,
-                                 terms=trainer.terms)
+                                 terms=trainer.terms, kernels=trainer.kernels)
       return ce + regularize.weighted_sum(single.cgl, cgl), dict(ce=ce, **cgl)
 
     (loss, expected), grads = jax.value_and_grad(loss_fn, has_aux=True)(
