@@ -1,6 +1,6 @@
 """Data-parallel training of CGL models: one jitted step over a device mesh, clu metrics, orbax.
 
-Objective (method.md):
+Objective (docs/method.md):
 
     L = CE + λ_bn·R_bn + λ_g·L_g + λ_s·L_s + λ_o·R_orth
 
@@ -10,7 +10,7 @@ is logged unweighted next to the total (`train/loss`) and the cross-entropy (`tr
 Weight decay: the baselines port the authors' `torch.optim.SGD(weight_decay=1e-4)`, i.e. COUPLED L2
 on every model parameter (kernels, biases, BN γ/β): g ← g + wd·w before momentum
 (`optax.add_decayed_weights` ahead of `optax.sgd`). With AdamW the decay is decoupled (that is what
-AdamW is). With R_bn on (λ_bn > 0) the weight decay is 0 on every parameter (method.md), whatever
+AdamW is). With R_bn on (λ_bn > 0) the weight decay is 0 on every parameter (docs/method.md), whatever
 `config.optimizer.weight_decay` says. Learned P1/P2 are never decayed.
 
 Parallelism: a 1-D mesh `('data',)` over all devices; batches are `NamedSharding(mesh, P('data'))`,
@@ -103,7 +103,7 @@ class TrainState:
 
 
 def effective_weight_decay(config: ml_collections.ConfigDict) -> float:
-  """config.optimizer.weight_decay, or 0 when R_bn replaces it (λ_bn > 0, method.md)."""
+  """config.optimizer.weight_decay, or 0 when R_bn replaces it (λ_bn > 0, docs/method.md)."""
   return 0.0 if config.cgl.lambda_bn > 0 else float(config.optimizer.weight_decay)
 
 

@@ -4,7 +4,7 @@ r"""AlexNet on ImageNet (ILSVRC 2012; the paper's Table 2): weight decay vs CGL.
         --config.dataset.data_dir=/data/tfds
 
 Variants: cgl (default: L_g, L_s on conv4, conv5) | baseline | rbn. Data: tfds `imagenet2012`
-(manual download; see the tfds catalog). Settings: the authors' (method.md).
+(manual download; see the tfds catalog). Settings: the authors' (docs/method.md).
 
 Paper (Table 2, unique detectors conv1..conv5 summed, Broden, IoU ≥ 0.04): weight decay 136 →
 CGL 141.

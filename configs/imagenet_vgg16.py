@@ -4,7 +4,7 @@ r"""VGG16 on ImageNet (ILSVRC 2012; the paper's Table 2): weight decay vs CGL.
         --config.dataset.data_dir=/data/tfds
 
 Variants: cgl (default: L_g, L_s on conv5_2, conv5_3) | baseline | rbn. Data: tfds `imagenet2012`
-(manual download). Settings: the authors' (method.md).
+(manual download). Settings: the authors' (docs/method.md).
 
 Paper (Table 2, unique detectors in conv3_3, conv4_3, conv5_1, conv5_2, conv5_3 summed, Broden,
 IoU ≥ 0.04): weight decay 259 → CGL 266.

@@ -5,7 +5,7 @@ r"""AlexNet-B (batch norm after every conv) on Places365 (the paper's Table 2): 
 
 Variants: cgl (default) | baseline | rbn. Soft masks use the BN form ψ = sigmoid(P1·y/γ + P2)
 (the paper's; `--config.cgl.bn_mask=code` divides by the running variance as the authors' code
-does). Settings as configs/places365_alexnet.py (the authors', method.md).
+does). Settings as configs/places365_alexnet.py (the authors', docs/method.md).
 
 Paper (Table 2, unique detectors conv1..conv5 summed, Broden, IoU ≥ 0.04): weight decay 148 →
 CGL 166.

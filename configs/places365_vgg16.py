@@ -4,7 +4,7 @@ r"""VGG16 on Places365 (the paper's Table 2): weight decay vs CGL.
         --config.dataset.data_dir=/data/tfds
 
 Variants: cgl (default: L_g, L_s on conv5_2, conv5_3) | baseline | rbn. Settings: the authors'
-(method.md).
+(docs/method.md).
 
 Paper (Table 2, unique detectors in conv3_3, conv4_3, conv5_1, conv5_2, conv5_3 summed, Broden,
 IoU ≥ 0.04): weight decay 315 → CGL 332.

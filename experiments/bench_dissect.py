@@ -20,23 +20,7 @@ time and memory scale. Both must agree: the script prints the largest IoU differ
 "steady" times a second dissection in the same process (all executables compiled), "cold" the
 first (with jit compilation, ~4 s on CPU); process start and model setup are reported apart.
 
-Measured (random-init ShapesCNN, quantile 0.005, conv1+conv2, identical IoUs: max |ΔIoU| = 0):
-  2 CPU cores shared with 2 training processes (load ≈ 6–8), widths 32/64,
-  --images_per_class=240 --sizes=1080,2160:
-    1,080 images: ours 80.9 img/s steady (62.4 cold) vs 35.8 img/s: 2.3× (1.7× cold);
-    2,160 images: ours 84.2 img/s steady (85.4 cold) vs 38.0 img/s: 2.2× (2.3× cold);
-    peak RSS 669 → 696 MB (+27 MB) vs 4.2 → 8.0 GB (+3.8 GB, 3.2 GB of memmaps).
-    Where our time goes (2,160 images): histogram passes 6.8 s + 5.1 s, tally pass 13.7 s; a
-    forward pass is ~1 ms/img of it. Three streaming passes (two for the exact quantile, one for
-    the tally) cost ~3 forwards + 2 scatter histograms per image, so on a CPU the ratio is bounded
-    by ~3–4× against the reference's single forward + per-unit loops; ≥ 10× needs an accelerator.
-  H200 (jax 0.11.2), widths 128/256, --images_per_class=240 --sizes=1080,2160
-  (results/bench_dissect_h200.log):
-    1,080 images: ours 355 img/s steady (107 cold: 7 s of it is compiling) vs 21.9 img/s: 16.2×;
-    2,160 images: ours 498 img/s steady (191 cold), ≈ 23× the reference's 1,080-image rate;
-    peak RSS ours 2,015 → 2,023 MB (+7 MB for twice the images) vs 16.7 GB (6.5 GB of memmaps)
-    for the reference at 1,080 images.
-"""
+Measured figures, with their commands and machines: docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse

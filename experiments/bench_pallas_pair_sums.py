@@ -10,10 +10,7 @@ the two agree (max relative difference, float32 rounding), and prints one line p
 ``--settings`` sweeps the kernels' pairs_per_program × num_warps. Median of ``--repeats``
 calls after compiling and three warm-up calls.
 
-Measured on an H100 (results/pallas_pair_sums_h100.log, three runs), ms per vjp, matmul → Pallas
-[8×4]: 13×13 f = 51: 0.14 → 0.13–0.16; f = 76: 0.18–0.20 → 0.14; 16×16: 0.17–0.25 → 0.13–0.14;
-24×24: 0.35–0.36 → 0.22–0.23; 32×32: 0.49–0.52 → 0.23–0.26.
-"""
+Measured figures, with their commands and machines: docs/benchmarks.md."""
 import argparse
 import statistics
 import time

@@ -13,7 +13,7 @@ Models: `shapes_paper` (configs/shapes.py:cgl,paper: ShapesCNN 128/256, 64×64) 
 
 Timing: compile and `--warmup` steps excluded; then `--repeats` rounds, each timing `--steps`
 steps of ce and of cgl back to back (interleaved, so load drifts on a shared machine hit both);
-the reported figure per step kind is the median over rounds. Target (issue 3): cgl time ≤ 1.10×
+the reported figure per step kind is the median over rounds. Target: cgl time ≤ 1.10×
 the ce time. The verdict uses the per-round ratios: a distribution-free confidence interval for
 their median (binomial order statistics, ≥ 90 % where the number of rounds allows; 15 rounds: the
 2nd and 14th smallest, 96 %) is `met` when it lies at or under 1.10, `missed` when over.
@@ -30,27 +30,7 @@ with this process's CPU time instead of wall time: on a machine shared with othe
 less noisy, best with single-threaded XLA
 (XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1').
 
-Measured (CGL / CE step time, batch 32; JSON in results/). Each round times ce and cgl back to
-back, so the per-round ratio's range is printed too: on this shared machine it spans ±5 %.
-  2-core CPU, 2 threads, wall clock (--repeats 15), this code (C++ CPU kernels for L_g's pair sums
-    and L_s): ShapesCNN 1.053 (round median 1.055, 96 % interval 1.042–1.073, rounds 1.03–1.12),
-    AlexNet 1.001; in a second run with --compare_kernels=loop (then --without_cpu_kernels)
-    --repeats 9: ShapesCNN 1.045, the XLA code (cgl[loop]) 1.106. Earlier code, XLA loops:
-    ShapesCNN 1.10 (rounds 1.07–1.15), AlexNet 1.03;
-  1 CPU thread, process time (--breakdown --clock=process --repeats 5 --steps 2), this code:
-    ShapesCNN 1.044 (R_bn alone 0.99, L_g 1.02, L_s 1.02), AlexNet 1.004; XLA loops: ShapesCNN 1.12
-    (1.02, 1.10, 1.05), AlexNet 1.02–1.04. R_bn alone adds no measurable work, so its 0.99–1.02
-    shows this machine's run-to-run noise;
-  H200 (--breakdown --compare_kernels=matmul (then --pair_sums) --repeats 5 --steps 20
-    --warmup 3), Pallas pair sums (the GPU path is unchanged since): ShapesCNN
-    1.46 (0.73 → 1.06 ms; R_bn 1.00, L_g 1.29, L_s 1.25), cgl[matmul] 1.83; AlexNet (with 13×13
-    row chunks of 64 since reverted) 1.18, cgl[matmul] 1.16;
-  H100, same command, before the R_bn reordering, Pallas pair sums:
-    ShapesCNN 1.50 (0.82 → 1.23 ms; R_bn 1.02, L_g 1.31, L_s 1.28), AlexNet 1.14 (2.04 → 2.32 ms);
-    cgl[matmul] in the same run: ShapesCNN 1.84, AlexNet 1.15;
-  H200, earlier code with the matmul pair sums (--breakdown --repeats 5 --steps 20 --warmup 3):
-    ShapesCNN 1.85 (0.72 → 1.33 ms; R_bn 1.05, L_g 1.65, L_s 1.30), AlexNet 1.18 (1.80 → 2.12 ms).
-"""
+Measured figures, with their commands and machines: docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
@@ -140,7 +120,7 @@ def run_steps(runner, num_steps: int, *, clock=time.perf_counter) -> float:
   return (clock() - start) / num_steps
 
 
-TARGET = 1.10  # issue 3: the full CGL step at most 1.10x the CE-only step time
+TARGET = 1.10  # the full CGL step at most 1.10x the CE-only step time
 CONFIDENCE = 0.90  # of the interval around the median per-round ratio that the verdict uses
 
 

@@ -1,4 +1,4 @@
-"""The paper's synthetic-data CNN (method.md, "Synthetic CNN").
+"""The paper's synthetic-data CNN (docs/method.md, "The synthetic shapes data set").
 
     x [B, 64, 64, 3] → conv1 3×3 pad 1 → ReLU → maxpool 2 → conv2 3×3 pad 1 → ReLU
       → global average pool → dense K
