@@ -172,7 +172,8 @@ def set_regularizer(config: ml_collections.ConfigDict, row: str, *, lambda_bn: f
   return config
 
 
-# The authors' settings for the large data sets (docs/method.md, "Where the paper and the authors' code differ").
+# The authors' settings for the large data sets (docs/method.md, "Where the paper and the
+# authors' code differ").
 AUTHORS_LAMBDA_BN = 1e-3  # their range: 1e-3 … 5e-3
 # λ_g, λ_s are not published (their sweep range: 1e-3 … 1e-1); these are our starting points.
 DEFAULT_LAMBDA_G = 1e-2

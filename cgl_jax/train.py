@@ -10,8 +10,8 @@ is logged unweighted next to the total (`train/loss`) and the cross-entropy (`tr
 Weight decay: the baselines port the authors' `torch.optim.SGD(weight_decay=1e-4)`, i.e. COUPLED L2
 on every model parameter (kernels, biases, BN γ/β): g ← g + wd·w before momentum
 (`optax.add_decayed_weights` ahead of `optax.sgd`). With AdamW the decay is decoupled (that is what
-AdamW is). With R_bn on (λ_bn > 0) the weight decay is 0 on every parameter (docs/method.md), whatever
-`config.optimizer.weight_decay` says. Learned P1/P2 are never decayed.
+AdamW is). With R_bn on (λ_bn > 0) the weight decay is 0 on every parameter (docs/method.md),
+whatever `config.optimizer.weight_decay` says. Learned P1/P2 are never decayed.
 
 Parallelism: a 1-D mesh `('data',)` over all devices; batches are `NamedSharding(mesh, P('data'))`,
 the train state is replicated (`P()`). Under `jax.jit` every batch reduction (CE mean, BN

@@ -8,8 +8,8 @@ r"""AlexNet on Places365 (the paper's Table 2 headline row): weight decay vs CGL
 
 Variants: cgl (default: R_bn + L_g + L_s on conv4, conv5) | baseline (weight decay 1e-4) | rbn.
 Data: tfds `places365_small` (prepare it first; nothing is downloaded unless
---config.dataset.download=True). Settings: the authors' (docs/method.md): SGD 0.9, lr 0.01 ×0.1 every
-30 epochs, 90 epochs, batch 256, G = 5, λ_bn = 1e-3; λ_g, λ_s are not published.
+--config.dataset.download=True). Settings: the authors' (docs/method.md): SGD 0.9, lr 0.01
+×0.1 every 30 epochs, 90 epochs, batch 256, G = 5, λ_bn = 1e-3; λ_g, λ_s are not published.
 
 Paper (Table 2, unique detectors, Broden, IoU ≥ 0.04), weight decay → CGL:
 conv1..conv5 6, 12, 22, 36, 54 (sum 130) → 8, 17, 35, 50, 75 (185); RUD 0.176 → 0.244;
