@@ -14,8 +14,9 @@ Kinds (the names of `config.dataset.augment`):
   fallback. The crop is resized to S×S with PIL's antialiased bilinear filter on the CROPPED image
   (`resize_weights`; pixels outside the box never contribute) and rounded to integers, as the
   authors' PIL pipeline stores its result in uint8.
-- 'pad_crop' (`pad_crop_flip`): pad by 4 px with the BACKGROUND colour (white for the shapes
-  data), a uniformly placed S×S crop, horizontal flip with p = 0.5.
+- 'pad_crop' (`pad_crop_flip`): pad by 4 px with `fill` (`config.dataset.pad_value`; the
+  shapes data's white BACKGROUND by default), a uniformly placed S×S crop, horizontal flip with
+  p = 0.5.
 - 'none': the image as is.
 Evaluation (`eval_transform`) is the identity for every kind: the authors'
 `Resize(64) + CenterCrop(64)` keeps a 64×64 image unchanged.
@@ -182,13 +183,17 @@ def check_kind(kind: str) -> None:
     raise ValueError(f'dataset.augment must be one of {AUGMENTATIONS}; got {kind!r}')
 
 
-def augment(key: jax.Array, images: jax.Array, kind: str, *, mean, std) -> jax.Array:
-  """The training transform `kind` then `normalize`: uint8 [B, S, S, 3] → float32 [B, S, S, 3]."""
+def augment(key: jax.Array, images: jax.Array, kind: str, *, mean, std,
+            fill=BACKGROUND) -> jax.Array:
+  """The training transform `kind` then `normalize`: uint8 [B, S, S, 3] → float32 [B, S, S, 3].
+
+  `fill`: pad_crop's border colour (RGB, 0–255).
+  """
   check_kind(kind)
   if kind == 'random_resized_crop':
     images = rrc_flip(key, images)
   elif kind == 'pad_crop':
-    images = pad_crop_flip(key, images)
+    images = pad_crop_flip(key, images, fill=fill)
   return normalize(images, mean, std)
 
 

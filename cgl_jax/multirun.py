@@ -203,6 +203,7 @@ class MultiRun:
     self.tx = train.create_optimizer(config.optimizer, learning_rate=self.learning_rate,
                                      weight_decay=0.0)
     self.mean, self.std = input_pipeline.normalization(config.dataset)
+    self.pad_value = input_pipeline.preprocess_options(config.dataset)['pad_value']
     self.mutable = ['batch_stats']
     if any(term in ('l_g', 'l_s') for term in self.terms):
       self.mutable.append('intermediates')
@@ -272,7 +273,7 @@ class MultiRun:
     rows = device_data.batch_rows(order, step % self.steps_per_epoch, self.batch_size)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), AUGMENT_SALT), step)
     images = device_augment.augment(key, split.images[rows], self.config.dataset.augment,
-                                    mean=self.mean, std=self.std)
+                                    mean=self.mean, std=self.std, fill=self.pad_value)
     return images, split.labels[rows]
 
   def loss_terms(self, params, batch_stats, hparams, images, labels, pairs_key, dropout_key):
@@ -392,3 +393,7 @@ def _check_config(config: ml_collections.ConfigDict, specs: Sequence[RunSpec]) -
   if epochs != int(epochs) or epochs < 1:
     raise ValueError(f'config.num_epochs must be a whole number >= 1 for multirun; got {epochs}')
   device_augment.check_kind(config.dataset.augment)
+  eval_crop = input_pipeline.preprocess_options(config.dataset)['eval_crop']
+  if eval_crop != 'none':
+    raise ValueError("multirun evaluates on the whole image: set config.dataset.eval_crop='none' "
+                     f'(resolves to {eval_crop!r} here)')

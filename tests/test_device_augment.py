@@ -134,6 +134,16 @@ def test_pad_crop_pads_with_the_background_and_crops_a_shifted_window(maybe_jit)
   assert device_augment.BACKGROUND == tuple(shapes.PALETTE[0])  # the shapes' white background
 
 
+def test_pad_crop_fill_is_the_configured_pad_value():
+  """augment(..., fill=config.dataset.pad_value): pad_crop's border takes that colour."""
+  images = np.zeros((64, 12, 12, 3), np.uint8)
+  out = np.asarray(device_augment.augment(jax.random.key(1), images, 'pad_crop', mean=(0, 0, 0),
+                                          std=(1, 1, 1), fill=(10.0, 20.0, 30.0)))
+  border = np.any(out != 0, axis=-1)
+  assert border.any()  # some crops show the padding
+  np.testing.assert_array_equal(out[border], np.broadcast_to([10, 20, 30], out[border].shape))
+
+
 def test_identity_transform_equals_the_normalised_image():
   images = _images(5)
   expected = (images.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)

@@ -223,6 +223,11 @@ def test_bad_configs_and_specs_are_named():
   half = tiny_config(num_epochs=1.5)
   with pytest.raises(ValueError, match='num_epochs must be a whole number'):
     multirun.MultiRun(half, spec, num_train_examples=100)
+  centre = tiny_config()
+  centre.dataset.eval_crop = 'center'
+  with pytest.raises(ValueError, match="multirun evaluates on the whole image: set "
+                                       "config.dataset.eval_crop='none'"):
+    multirun.MultiRun(centre, spec, num_train_examples=100)
   with pytest.raises(ValueError, match='lambda_g must be a finite number >= 0'):
     multirun.RunSpec('a', 0, lambda_g=-1.0)
   with pytest.raises(ValueError, match="unknown hyperparameters \\['lambda_x'\\]"):

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from cgl_jax import distributed, fileio
 from cgl_jax.data import broden as broden_lib
+from cgl_jax.dissect import measurement
 from cgl_jax.dissect.report import write_report
 from cgl_jax.dissect.results import (DissectionResult, LayerResult, compute,
                                      ratio_of_unique_detectors)
@@ -30,8 +31,9 @@ __all__ = ['DissectionResult', 'DissectionSettings', 'LayerResult', 'compute', '
 
 
 def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The Broden directory to probe: `config.dissect.broden_dir`, or the shapes validation split
-  exported once (cached next to the data, or under workdir/dissect when data_dir is None)."""
+  """The Broden directory to probe: `config.dissect.broden_dir`, or the shapes images of the
+  measurement's probe split and image format (`measurement.resolve`), exported once (cached next
+  to the data, or under workdir/dissect when data_dir is None)."""
   if config.dissect.broden_dir:
     return config.dissect.broden_dir
   name = config.dataset.name
@@ -47,20 +49,30 @@ def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError(f'config.dataset.name {name!r}: unknown cgl_shapes config '
                      f'{builder_name!r}; known: {sorted(builtin)}')
   kwargs = builtin[builder_name].generator_kwargs()
+  chosen = measurement.resolve(config.dissect)
   root = config.dataset.data_dir or fileio.as_path(workdir) / 'dissect'
   key = '_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))
-  directory = fileio.as_path(root) / 'broden' / f'cgl_shapes_validation_{key}'
+  suffix = '' if chosen['image_format'] == 'png' else f'_jpeg{broden_lib.JPEG_QUALITY}'
+  directory = (fileio.as_path(root) / 'broden'
+               / f'cgl_shapes_{chosen["probe_split"]}_{key}{suffix}')
   if not (directory / broden_lib.INDEX_FILE).exists():
     try:
-      shapes.export_broden(os.fspath(directory), split='validation', **kwargs)
+      shapes.export_broden(os.fspath(directory), split=chosen['probe_split'],
+                           image_format=chosen['image_format'], **kwargs)
     except FileExistsError:  # another process exported it meanwhile (the write is atomic)
       pass
   return os.fspath(directory)
 
 
+CHECKPOINTS = ('latest', 'best')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> str:
-  """Dissects checkpoint `step` (None: the latest) of `workdir` as `config.dissect` says;
-  returns the output folder `workdir/dissect/step_<step>` (`workdir` local or gs://…).
+  """Dissects checkpoint `step` of `workdir` as `config.dissect` says; returns the output folder
+  `workdir/dissect/step_<step>` (`workdir` local or gs://…).
+
+  step None: `config.dissect.checkpoint` picks it, 'latest' or 'best' (the kept step of highest
+  validation top-1, the earliest of ties: `checkpoints.best_step`).
 
   With several processes (a pod; cgl_jax.distributed), every process computes the dissection on
   its own devices (the same numbers as one process), process 0 alone exports the probe set if
@@ -68,6 +80,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
   """
   from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax)
   settings = DissectionSettings.from_config(config)
+  which = config.dissect.get('checkpoint', 'latest')
+  if which not in CHECKPOINTS:
+    raise ValueError(f'config.dissect.checkpoint must be one of {CHECKPOINTS}; got {which!r}')
+  if step is None and which == 'best':
+    step = checkpoints.best_step(workdir)
+    if step is None:
+      raise FileNotFoundError(
+          f"config.dissect.checkpoint='best', but no kept checkpoint in "
+          f'{checkpoints.checkpoint_dir(workdir)} was saved with validation metrics; evaluate '
+          "when checkpointing, or set config.dissect.checkpoint='latest'")
   outdir = os.fspath(fileio.as_path(workdir) / 'dissect')
   with distributed.peer_failures_raise('dissecting'):
     model, variables, step = checkpoints.restore_model(config, workdir, step=step)
@@ -77,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
     _wait_for_process_0(f'cgl_jax.dissect: probe set of step {step} exported')
     if jax.process_index() > 0:
       probe = probe_directory(config, workdir)
-    data = broden_lib.Broden(probe)
+    data = broden_lib.Broden(probe, categories=settings.categories)
     result = compute(model, variables, data, settings)
     outdir = f'{outdir}/step_{step}'
     if jax.process_index() == 0:
