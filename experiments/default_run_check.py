@@ -68,7 +68,7 @@ def initial_state(config) -> train.TrainState:
 
 
 def learning_rate_budget(config) -> dict[str, float]:
-  """Σ_t lr_t and Σ_t lr_t·λ_bn/(1 − momentum): how far R_bn's gradient can move the kernels."""
+  """Σ_t lr_t and Σ_t lr_t·λ_bn/(1 − momentum): how far R_bn can move a kernel group."""
   num_train_steps, steps_per_epoch = train.num_train_steps_and_epoch_size(config)
   schedule = train.create_learning_rate_schedule(
       config.optimizer, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
