@@ -42,8 +42,11 @@ def test_variant_validates_against_its_model(name, variant):
   validate_config(config, conv_layers=layers, device_count=8)  # data-parallel ready
   row = variant.split(',')[0]
   lambdas = (config.cgl.lambda_bn, config.cgl.lambda_g, config.cgl.lambda_s, config.cgl.lambda_o)
-  expected = {'baseline': (0, 0, 0, 0), 'rbn': (1e-3, 0, 0, 0), 'cgl': (1e-3, 1e-2, 1e-3, 0),
-              'cgl_orth': (1e-3, 1e-2, 1e-3, 1e-3)}
+  # configs/shapes.py `small` (its default) has its own, larger λ's (docstring of shapes.py).
+  bn, g, s = (5e-3, 3e-2, 1e-2) if name == 'shapes.py' and 'paper' not in variant else (
+      1e-3, 1e-2, 1e-3)
+  expected = {'baseline': (0, 0, 0, 0), 'rbn': (bn, 0, 0, 0), 'cgl': (bn, g, s, 0),
+              'cgl_orth': (bn, g, s, 1e-3)}
   assert lambdas == pytest.approx(expected[row])
   # R_bn replaces weight decay (method.md); baselines decay.
   assert (config.optimizer.weight_decay > 0) == (row == 'baseline')
@@ -58,8 +61,10 @@ def test_default_variant_is_cgl_and_tokens_commute():
 
 def test_shapes_settings_as_documented():
   small, paper = load('shapes.py'), load('shapes.py', 'cgl,paper')
-  assert small.model.kwargs.widths == (32, 64) and paper.model.kwargs.widths == (128, 256)
+  assert small.model.kwargs.widths == (16, 32) and paper.model.kwargs.widths == (128, 256)
   assert (small.dataset.image_size, small.dataset.augment) == (32, 'pad_crop')
+  assert (small.batch_size, small.optimizer.learning_rate, small.optimizer.schedule,
+          small.num_epochs) == (64, 0.04, 'warmup_cosine', 6)
   assert (paper.dataset.image_size, paper.dataset.augment) == (64, 'random_resized_crop')
   assert (paper.batch_size, paper.optimizer.learning_rate, paper.optimizer.momentum) == (
       32, 0.01, 0.9)  # the authors' synthetic settings
