@@ -98,7 +98,7 @@ def get_config(variant: str = 'cgl'):
   config.optimizer.step_every_epochs = 30  # 'step' (paper): ×0.1 every 30 epochs
   config.optimizer.step_factor = 0.1
 
-  config.cgl.layers = ('conv2',)  # method.md: L_g, L_s on conv2, R_bn on both convs
+  config.cgl.layers = ('conv2',)  # docs/method.md: L_g, L_s on conv2, R_bn on both convs
   config.cgl.num_groups = 5
   default_config.set_regularizer(config, options['regularizer'], **size['lambdas'])
 
