@@ -8,7 +8,8 @@ composite of two items so that evaluation and dissection can read the model alon
 
 `<step>` counts completed train steps (the state after step N). Kept: the newest
 `config.keep_checkpoints` steps plus the best one by validation top-1 (`BEST_METRIC`, stored as the
-step's orbax metrics). Orbax writes each step into `<step>.orbax-checkpoint-tmp…` and renames it
+step's orbax metrics with the step itself, `STEP_METRIC`); of steps tied at the best top-1 the
+EARLIEST is the best, as the authors' `if acc > best` keeps the first epoch at the maximum. Orbax writes each step into `<step>.orbax-checkpoint-tmp…` and renames it
 only when every file is written, so a process killed mid-save leaves a tmp dir that
 `available_steps` never lists (and the next trainer deletes); restore never sees half a step.
 
@@ -31,6 +32,7 @@ from cgl_jax import models
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 BEST_METRIC = 'eval_top1'  # orbax metrics key ranking checkpoints (higher is better)
+STEP_METRIC = 'step'  # stored with it, so that ties rank the earlier step higher
 MODEL_ITEM = 'model'
 TRAIN_ITEM = 'train'
 
@@ -57,6 +59,11 @@ def _top1(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
+def _rank(metrics: dict[str, float]) -> tuple[float, float]:
+  """Higher is better: top-1, then the earlier step (steps saved without it count as step 0)."""
+  return metrics[BEST_METRIC], -metrics.get(STEP_METRIC, 0.0)
+
+
 def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, read_only: bool = False,
                    asynchronous: bool = True) -> ocp.CheckpointManager:
   """The one `CheckpointManager` of a workdir (the trainer writes, everyone else reads).
@@ -75,7 +82,7 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, read_only
   policies = ocp.checkpoint_managers
   preservation = policies.AnyPreservationPolicy([
       policies.LatestN(keep),
-      policies.BestN(get_metric_fn=_top1, n=keep_best,
+      policies.BestN(get_metric_fn=_rank, n=keep_best,
                      keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
@@ -108,7 +115,7 @@ def save(manager: ocp.CheckpointManager, state: TrainStateFields, *,
   """
   orbax_metrics = None
   if eval_metrics is not None:
-    orbax_metrics = {BEST_METRIC: float(eval_metrics['top1'])}
+    orbax_metrics = {BEST_METRIC: float(eval_metrics['top1']), STEP_METRIC: float(state.step)}
   items = {name: ocp.args.StandardSave(item) for name, item in _items(state).items()}
   manager.save(int(state.step), metrics=orbax_metrics, args=ocp.args.Composite(**items))
 
@@ -138,14 +145,15 @@ def available_steps(workdir: str) -> list[int]:
 
 
 def best_step(workdir: str) -> int | None:
-  """The kept step with the highest validation top-1 (the later one on ties), or None when no
-  kept step was saved with metrics."""
+  """The kept step with the highest validation top-1 (the EARLIER one on ties: the first epoch
+  at the maximum, as the authors' `if acc > best`), or None when no kept step was saved with
+  metrics."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   with create_manager(workdir, read_only=True) as manager:
     top1 = {step: (manager.metrics(step) or {}).get(BEST_METRIC) for step in manager.all_steps()}
   scored = {step: value for step, value in top1.items() if value is not None}
-  return max(scored, key=lambda step: (scored[step], step)) if scored else None
+  return max(scored, key=lambda step: (scored[step], -step)) if scored else None
 
 
 def abstract_variables(model, image_shape: tuple[int, int, int]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ _CHOICES = {
     'cgl.pairs': ('sampled', 'exact'),
     'cgl.reduction': ('per_sample', 'pooled'),
     'cgl.bn_mask': ('paper', 'code'),
+    'dissect.checkpoint': ('latest', 'best'),
 }
 
 
@@ -70,6 +71,13 @@ def validate_config(config: ml_collections.ConfigDict, *, conv_layers: Sequence,
       if layer not in features:
         raise ConfigError(f'config.{key}: unknown layer {layer!r} for model {model_name!r}; '
                           f'available: {", ".join(names)}')
+
+  if config.dissect.enabled:
+    from cgl_jax.dissect import measurement  # pylint: disable=g-import-not-at-top  (jax)
+    try:
+      measurement.resolve(config.dissect)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
 
   if (config.cgl.lambda_g > 0 or config.cgl.lambda_s > 0) and not config.cgl.layers:
     raise ConfigError('config.cgl.layers is empty, but lambda_g or lambda_s is > 0: name the '

@@ -20,8 +20,12 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-# The paper's regulariser rows (Table 1; Tables 2/3 use baseline vs cgl).
-REGULARIZERS = ('cgl', 'baseline', 'rbn')
+# The paper's regulariser rows (Table 1; Tables 2/3 use baseline vs cgl), and 'cgl_orth': cgl
+# plus the soft orthogonality term of the authors' code.
+REGULARIZERS = ('cgl', 'baseline', 'rbn', 'cgl_orth')
+# λ_o of the authors' only synthetic run (named ..._pen0.01_act0.001_spa0_..._orth0.001: λ_bn
+# 0.01, λ_g 0.001, λ_s 0, λ_o 0.001); the paper never mentions the term.
+AUTHORS_LAMBDA_O = 1e-3
 BASELINE_WEIGHT_DECAY = 1e-4  # the authors' baselines (docs/method.md)
 
 
@@ -45,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_classes = 2
   config.dataset.image_size = 64
   config.dataset.augment = 'random_resized_crop'  # | 'pad_crop' | 'none'
+  # Eval transform: None = the augmentation's ('center' for random_resized_crop: Resize(S·256/224)
+  # + CenterCrop(S); else the whole image), 'center' | 'none' (whole image resized to S).
+  config.dataset.eval_crop = ml_collections.FieldReference(None, field_type=str)
+  config.dataset.pad_value = (0.0, 0.0, 0.0)  # pad_crop's border, RGB on the 0–255 scale
   config.dataset.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   config.dataset.std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
   config.dataset.shuffle_buffer = 10_000
@@ -99,10 +107,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.dissect.broden_dir = ml_collections.FieldReference(None, field_type=str)  # None: shapes export
   config.dissect.quantile = 0.005  # top 0.5 % activations per unit
   config.dissect.exact_quantile = True  # exact T_k (streaming radix select); False: histogram
-  config.dissect.iou_thresholds = (0.04,)
+  # How to measure (cgl_jax/dissect/measurement.py): a preset, 'netdissect_lite' (PIL bilinear,
+  # IoU 0.04) | 'authors_synthetic' (the CGL authors' shapes dissection: nearest, JPEG q95 probe
+  # images, all images, IoU 0.08 and 0.04) | 'authors_synthetic_pillow7' (bicubic instead).
+  # The fields below set to None take the preset's value; any other value overrides it.
+  config.dissect.measurement = 'netdissect_lite'
+  config.dissect.upsampling = ml_collections.FieldReference(None, field_type=str)  # bilinear|nearest|bicubic
+  config.dissect.image_format = ml_collections.FieldReference(None, field_type=str)  # png|jpeg (shapes export)
+  config.dissect.probe_split = ml_collections.FieldReference(None, field_type=str)  # validation|all (shapes)
+  config.dissect.iou_thresholds = ml_collections.FieldReference(None, field_type=tuple)  # first: detectors
+  config.dissect.categories = ml_collections.FieldReference(None, field_type=tuple)  # None: all
   config.dissect.batch_size = 64
   config.dissect.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset.image_size
   config.dissect.top_images = 10
+  config.dissect.checkpoint = 'latest'  # | 'best': highest validation top-1, earliest of ties
   return config
 
 
@@ -136,14 +154,17 @@ def set_regularizer(config: ml_collections.ConfigDict, row: str, *, lambda_bn: f
 
   'baseline': cross-entropy + weight decay 1e-4 (no CGL term);
   'rbn':      cross-entropy + λ_bn·R_bn, weight decay 0 (R_bn replaces it);
-  'cgl':      cross-entropy + λ_bn·R_bn + λ_g·L_g + λ_s·L_s, weight decay 0.
+  'cgl':      cross-entropy + λ_bn·R_bn + λ_g·L_g + λ_s·L_s, weight decay 0;
+  'cgl_orth': 'cgl' + λ_o·R_orth with λ_o = `AUTHORS_LAMBDA_O` (R_orth = Σ over every conv
+              kernel of ‖W Wᵀ − I‖_F, the authors' code; `cgl_jax.regularize`).
   """
   if row not in REGULARIZERS:
     raise ValueError(f'unknown regularizer row {row!r}; expected one of {REGULARIZERS}')
+  cgl = row in ('cgl', 'cgl_orth')
   config.cgl.lambda_bn = 0.0 if row == 'baseline' else lambda_bn
-  config.cgl.lambda_g = lambda_g if row == 'cgl' else 0.0
-  config.cgl.lambda_s = lambda_s if row == 'cgl' else 0.0
-  config.cgl.lambda_o = 0.0
+  config.cgl.lambda_g = lambda_g if cgl else 0.0
+  config.cgl.lambda_s = lambda_s if cgl else 0.0
+  config.cgl.lambda_o = AUTHORS_LAMBDA_O if row == 'cgl_orth' else 0.0
   config.optimizer.weight_decay = BASELINE_WEIGHT_DECAY if row == 'baseline' else 0.0
   return config
 

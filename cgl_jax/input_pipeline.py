@@ -22,9 +22,13 @@ Augmentation (`dataset_config.augment`, training only):
   area with aspect ratio in [3/4, 4/3], resized to image_size², random horizontal flip. Eval:
   the central crop that `Resize(image_size·256/224)` + `CenterCrop(image_size)` keep, resized
   to image_size² (224 → 256 → 224 as in the paper).
-- 'pad_crop' (CIFAR): zero-pad 4 px, random image_size² crop, random horizontal flip. Eval: the
-  image as is.
+- 'pad_crop' (CIFAR): pad 4 px with `dataset_config.pad_value` (0–255 scale, per channel or one
+  value; default 0, the shapes data use their white background), random image_size² crop,
+  random horizontal flip. Eval: the image as is.
 - 'none': the image as is.
+`dataset_config.eval_crop` overrides the evaluation transform: 'center' (the central crop
+above) or 'none' (the whole image resized to image_size², e.g. the CGL authors' synthetic-data
+`Resize(64)` + `CenterCrop(64)` of 64-px images); None (the default) keeps the augmentation's.
 Images whose size differs from image_size are resized (bilinear) where the recipe does not crop.
 Then x ← (x − mean) / std per channel, with mean and std on the 0–255 scale.
 
@@ -47,6 +51,7 @@ import numpy as np
 Batch = dict[str, np.ndarray]
 
 AUGMENTATIONS = ('random_resized_crop', 'pad_crop', 'none')
+EVAL_CROPS = ('center', 'none')
 CROP_AREA_RANGE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_MAX_ATTEMPTS = 10  # then the whole image, as tf's sampler does
@@ -220,23 +225,51 @@ def _resize(image, image_size: int):
   return tf.ensure_shape(resized, (image_size, image_size, 3))
 
 
-def _preprocess(image_bytes, seed, *, augment: str, train: bool, image_size: int, mean, std):
-  """Encoded image → float32 [image_size, image_size, 3], augmented when `train`, normalised."""
+def preprocess_options(dataset_config) -> dict[str, Any]:
+  """`_preprocess`'s keyword arguments from `config.dataset`, checked (errors name the key)."""
+  augment = dataset_config.augment
+  eval_crop = dataset_config.get('eval_crop', None)
+  if eval_crop is None:
+    eval_crop = 'center' if augment == 'random_resized_crop' else 'none'
+  if eval_crop not in EVAL_CROPS:
+    raise ValueError(f'dataset.eval_crop must be one of {EVAL_CROPS} or None (the '
+                     f"augmentation's own), got {eval_crop!r}")
+  pad_value = np.broadcast_to(np.asarray(dataset_config.get('pad_value', 0), np.float32), (3,))
+  if not np.all((pad_value >= 0) & (pad_value <= 255)):
+    raise ValueError(f'dataset.pad_value must be one value or 3 (RGB) in [0, 255], got '
+                     f'{dataset_config.get("pad_value", 0)!r}')
+  return dict(augment=augment, image_size=dataset_config.image_size, eval_crop=eval_crop,
+              pad_value=tuple(float(v) for v in pad_value))
+
+
+def _pad(image, padding: int, pad_value):
+  """float32 [H, W, 3] → [H + 2p, W + 2p, 3], the border filled with `pad_value` (RGB)."""
   tf = _tf()
-  if augment == 'random_resized_crop':
-    if train:
-      crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-      image = _decode_and_crop(image_bytes, lambda shape: _random_crop_window(shape, crop_seed))
-      image = tf.image.stateless_random_flip_left_right(_resize(image, image_size), flip_seed)
-    else:
-      image = _resize(_decode_and_crop(
-          image_bytes, lambda shape: _center_crop_window(shape, image_size)), image_size)
+  paddings = [[padding] * 2, [padding] * 2, [0, 0]]
+  return tf.pad(image - pad_value, paddings) + pad_value
+
+
+def _preprocess(image_bytes, seed, *, augment: str, train: bool, image_size: int, mean, std,
+                eval_crop: str = 'center', pad_value=(0.0, 0.0, 0.0)):
+  """Encoded image → float32 [image_size, image_size, 3], augmented when `train`, normalised.
+
+  `eval_crop` ('center' | 'none') is the evaluation transform, `pad_value` pad_crop's border
+  (`preprocess_options` sets both from the config).
+  """
+  tf = _tf()
+  if train and augment == 'random_resized_crop':
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = _decode_and_crop(image_bytes, lambda shape: _random_crop_window(shape, crop_seed))
+    image = tf.image.stateless_random_flip_left_right(_resize(image, image_size), flip_seed)
+  elif not train and eval_crop == 'center':
+    image = _resize(_decode_and_crop(
+        image_bytes, lambda shape: _center_crop_window(shape, image_size)), image_size)
   else:
     image = _resize(tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
                     image_size)
     if train and augment == 'pad_crop':
       crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-      padded = tf.pad(image, [[PAD_CROP_PADDING] * 2, [PAD_CROP_PADDING] * 2, [0, 0]])
+      padded = _pad(image, PAD_CROP_PADDING, tf.constant(pad_value, tf.float32))
       image = tf.image.stateless_random_crop(padded, (image_size, image_size, 3), crop_seed)
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return (image - mean) / std
@@ -296,8 +329,8 @@ def create_split(dataset_config, *, split: str, train: bool, batch_size: int, se
   shard = tfds.even_splits(split, n=process_count, drop_remainder=train)[process_index]
   source = _read(builder, shard).map(lambda ex: {'image': ex['image'], 'label': ex['label']})
   mean, std = normalization(dataset_config)
-  preprocess = functools.partial(_preprocess, augment=dataset_config.augment, train=train,
-                                 image_size=dataset_config.image_size, mean=mean, std=std)
+  preprocess = functools.partial(_preprocess, train=train, mean=mean, std=std,
+                                 **preprocess_options(dataset_config))
   if train:
     ds = _train_stream(source, local_batch=local_batch, start_step=start_step,
                        shuffle_buffer=dataset_config.shuffle_buffer,

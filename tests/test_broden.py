@@ -72,7 +72,7 @@ def test_reader_round_trip(written):
   data = broden.Broden(directory)
   assert len(data) == 3
   assert data.categories == ('colour', 'shape', 'scene')
-  assert data.label_names() == ('-', 'red', 'green', 'square', 'circle', 'indoor')
+  assert data.label_names() == ('', 'red', 'green', 'square', 'circle', 'indoor')
   assert [l.category for l in data.labels[1:]] == ['colour', 'colour', 'shape', 'shape', 'scene']
   assert data.labels[1].frequency == 1 and data.labels[1].coverage == pytest.approx(0.25)
   np.testing.assert_array_equal(data.primary_category_index(), [-1, 0, 0, 1, 1, 2])
@@ -235,3 +235,34 @@ def test_writer_rejects_bad_input(tmp_path, change, message):
   with pytest.raises(ValueError, match=message):
     broden.write_broden(str(tmp_path / 'probe'), **kwargs)
   assert not os.listdir(tmp_path)
+
+
+def test_trimmed_category_csv_and_category_subset(written):
+  """A category.csv without a category that index.csv still has a column for (NetDissect-Lite
+  users drop 'material' this way) reads as the remaining categories; `categories=` picks a
+  subset and, as the reference, leaves out images with no label in it."""
+  directory, images, pixel, _ = written
+  path = os.path.join(directory, 'category.csv')
+  with open(path) as f:
+    lines = f.read().splitlines()
+  with open(path, 'w') as f:
+    f.write('\n'.join(line for line in lines if not line.startswith('shape,')) + '\n')
+  trimmed = broden.Broden(directory)
+  assert trimmed.categories == ('colour', 'scene') and len(trimmed) == 3
+  assert trimmed.labels[3].name == 'square' and trimmed.labels[3].category == ''
+  batch = next(trimmed.batches(batch_size=3))
+  assert set(batch['pixel_labels']) == {'colour'} and set(batch['image_labels']) == {'scene'}
+
+  subset = broden.Broden(directory, categories=['colour'])
+  assert subset.categories == ('colour',)
+  assert len(subset) == 2  # image 2 has a scene label but no colour
+  (batch,) = subset.batches(batch_size=3)
+  np.testing.assert_array_equal(batch['index'], [0, 1])
+  np.testing.assert_array_equal(batch['image'], images[:2])
+  np.testing.assert_array_equal(batch['pixel_labels']['colour'][:, 0], pixel['colour'][:2])
+  np.testing.assert_array_equal(subset.primary_category_index(), [-1, 0, 0, -1, -1, -1])
+  with pytest.raises(ValueError, match=r"categories \['shape'\] are not in .*category.csv "
+                                       r"\(colour, scene\)"):
+    broden.Broden(directory, categories=['colour', 'shape'])
+  with pytest.raises(ValueError, match='categories must be a non-empty sequence'):
+    broden.Broden(directory, categories='colour')

@@ -9,7 +9,7 @@ from cgl_jax import default_config, models
 from cgl_jax.config_validation import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REGULARIZERS = ('cgl', 'baseline', 'rbn')
+REGULARIZERS = ('cgl', 'baseline', 'rbn', 'cgl_orth')
 # Config file → every option's tokens (any combination is a valid variant).
 CONFIG_VARIANTS = {
     'shapes.py': (REGULARIZERS, ('small', 'paper'), ('binary', 'classes45'), ('full', 'tiny')),
@@ -42,7 +42,8 @@ def test_variant_validates_against_its_model(name, variant):
   validate_config(config, conv_layers=layers, device_count=8)  # data-parallel ready
   row = variant.split(',')[0]
   lambdas = (config.cgl.lambda_bn, config.cgl.lambda_g, config.cgl.lambda_s, config.cgl.lambda_o)
-  expected = {'baseline': (0, 0, 0, 0), 'rbn': (1e-3, 0, 0, 0), 'cgl': (1e-3, 1e-2, 1e-3, 0)}
+  expected = {'baseline': (0, 0, 0, 0), 'rbn': (1e-3, 0, 0, 0), 'cgl': (1e-3, 1e-2, 1e-3, 0),
+              'cgl_orth': (1e-3, 1e-2, 1e-3, 1e-3)}
   assert lambdas == pytest.approx(expected[row])
   # R_bn replaces weight decay (method.md); baselines decay.
   assert (config.optimizer.weight_decay > 0) == (row == 'baseline')
@@ -69,6 +70,20 @@ def test_shapes_settings_as_documented():
       'cgl_shapes/classes45_tiny', 45)
   assert small.dissect.enabled and small.dissect.layers == ('conv1', 'conv2')
   assert small.dissect.iou_thresholds == (0.04, 0.08)
+
+
+def test_shapes_paper_is_the_authors_recipe():
+  """configs/shapes.py:paper = the authors' synthetic training code (docstring of shapes.py)."""
+  small, paper = load('shapes.py'), load('shapes.py', 'paper')
+  assert paper.model.kwargs.initializer == 'pytorch' and 'initializer' not in small.model.kwargs
+  assert (paper.num_epochs, paper.optimizer.schedule, paper.optimizer.step_every_epochs,
+          paper.optimizer.step_factor) == (90, 'step', 30, 0.1)
+  assert (paper.dataset.eval_crop, small.dataset.eval_crop) == ('none', None)
+  assert paper.dataset.pad_value == small.dataset.pad_value == (255.0, 255.0, 255.0)
+  assert (paper.dissect.checkpoint, small.dissect.checkpoint) == ('best', 'latest')
+  assert paper.dissect.measurement == 'netdissect_lite'
+  orth = load('shapes.py', 'cgl_orth,paper')
+  assert (orth.cgl.lambda_o, orth.optimizer.weight_decay) == (1e-3, 0.0)
 
 
 @pytest.mark.parametrize('name, dataset, classes, model', [
@@ -120,7 +135,7 @@ def test_load_config_file_names_a_missing_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('variant, message', [
     ('cgl,huge', "unknown config variant 'huge' in 'cgl,huge'; allowed (regularizer: "
-                 'cgl|baseline|rbn; size: small|paper; labels: binary|classes45; data: full|tiny)'),
+                 'cgl|baseline|rbn|cgl_orth; size: small|paper; labels: binary|classes45; data: full|tiny)'),
     ('cgl,rbn', "config variant 'cgl,rbn' sets regularizer twice ('cgl' and 'rbn')"),
 ])
 def test_bad_variant_is_named(variant, message):

@@ -57,7 +57,7 @@ def make_probe_set(directory):
   shape = np.zeros((NUM_IMAGES, SIZE, SIZE), np.int32)
   for i in (1, 5):  # a red 4×4 square (32 px in all: under the top 2% of 2,048 positions)
     colour[i, 4:8, 8:12] = 1
-    shape[i, 4:8, 8:12] = 3
+    shape[i, 4:8, 7:12] = 3  # with a white column: 'square' is not tied with 'red'
     images[i, 4:8, 8:12, 0] = 255
   for i in range(NUM_IMAGES):  # a large green disk elsewhere in every image
     yy, xx = np.mgrid[:SIZE, :SIZE]
@@ -120,7 +120,11 @@ def test_mask_unit_has_iou_one_and_noise_unit_is_no_detector(dissected):
   assert float(rows[1]['score']) == pytest.approx(1.0, abs=1e-9)
   assert rows[1]['colour-truth'] == rows[1]['colour-intersect'] == '32'
   assert float(rows[2]['score']) < 0.04  # green noise: its top 2% hits no concept well
-  assert float(rows[3]['score']) == 0  # constant blue channel: never above its threshold
+  # Constant blue channel: never above its threshold, so no match: as the reference, label 0
+  # (an empty name) in the last category, and empty labels per category.
+  assert float(rows[3]['score']) == 0
+  assert rows[3]['label'] == '' and rows[3]['category'] == 'scene'
+  assert rows[3]['colour-label'] == rows[3]['shape-label'] == rows[3]['scene-label'] == ''
   summary = json.load(open(os.path.join(outdir, 'conv1', 'summary.json')))
   assert summary['detectors'][0]['detectors_per_concept'] == {'red': 1}
   assert summary['detectors'][0]['unique_detectors_per_category'] == {
@@ -155,12 +159,18 @@ def test_each_layer_has_its_own_thresholds_and_tally(dissected):
         best = members[np.argmax(iou[unit, members])]
         row = rows[unit + 1]
         assert int(row[f'{category}-intersect']) == counts.both[unit, best]
-        assert int(row[f'{category}-activation']) == counts.units_cat[unit, g]
+        # No match in the category (label 0): the reference writes label 0's primary
+        # category's count, the last category's.
+        matched = iou[unit, best] > 0
+        assert int(row[f'{category}-activation']) == counts.units_cat[
+            unit, g if matched else len(data.categories) - 1]
         assert float(row[f'{category}-iou']) == pytest.approx(iou[unit, best], rel=1e-12)
   assert not np.array_equal(thresholds['conv1'], thresholds['conv2'])
-  # conv2 smears the 4×4 red square over 6×6 after upsampling: a detector, not a perfect one.
+  # conv2 smears the 4×4 red square over 6×6 after upsampling: a detector, not a perfect one
+  # (of the 4×5 'square' label, which the smeared mask overlaps more than the 4×4 red).
   conv2 = {int(r['unit']): r for r in _read_csv(os.path.join(outdir, 'conv2', 'tally.csv'))}
-  assert conv2[1]['label'] == 'red' and 0.3 < float(conv2[1]['score']) < 0.9
+  assert conv2[1]['label'] == 'square' and 0.3 < float(conv2[1]['score']) < 0.9
+  assert 0.3 < float(conv2[1]['colour-iou']) < float(conv2[1]['score'])
 
 
 def test_outputs_layout_and_reference_columns(dissected):

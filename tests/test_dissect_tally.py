@@ -184,6 +184,30 @@ def test_tally_equals_hand_computed_counts_and_iou(tmp_path):
   assert summary['unique_detectors_per_category'] == {'colour': 1, 'scene': 0}
 
 
+def test_units_without_a_match_are_labelled_as_the_reference_does():
+  """NetDissect-Lite takes, per category, the argmax over ALL label ids of the IoUs masked to
+  the category (label 0 when they are all 0), and the unit's category as the first of a reversed
+  ascending sort (the LAST of tied categories). A unit that matches nothing: label 0 (named ''),
+  score 0, the last category."""
+  primary = np.array([-1, 0, 0, 1, 1, 2])
+  iou = np.array([[0, 0.0, 0.0, 0.0, 0.0, 0.0],   # matches nothing
+                  [0, 0.2, 0.3, 0.0, 0.0, 0.0],   # colour only
+                  [0, 0.1, 0.0, 0.1, 0.1, 0.1]])  # a tie across all three categories
+  concepts = tally.unit_concepts(iou, primary, 3)
+  np.testing.assert_array_equal(concepts.category_label, [[0, 0, 0], [2, 0, 0], [1, 3, 5]])
+  np.testing.assert_array_equal(concepts.label, [0, 2, 5])
+  np.testing.assert_array_equal(concepts.category, [2, 0, 2])
+  np.testing.assert_array_equal(concepts.score, [0, 0.3, 0.1])
+  # The reference's own expressions (feature_operation.py, FeatureOperator.tally):
+  reference_primary = np.where(primary < 0, 2, primary)  # label 0's primary: the last category
+  pciou = np.array([iou * (reference_primary == ci)[None, :] for ci in range(3)])
+  label_pciou = pciou.argmax(axis=2)
+  score_pciou = pciou[np.arange(3)[:, None], np.arange(3)[None, :], label_pciou]
+  bestcat = score_pciou.argsort(axis=0)[::-1][0]
+  np.testing.assert_array_equal(label_pciou.T, concepts.category_label)
+  np.testing.assert_array_equal(bestcat, concepts.category)
+
+
 def test_tally_matches_numpy_reference_with_upsampling_layers_and_padding():
   """Random labels in 3 categories, 2 pixel layers, image-level ids, ×2 bilinear upsampling of
   integer maps (exact in float32, so both implementations see identical masks)."""
@@ -208,15 +232,74 @@ def test_tally_matches_numpy_reference_with_upsampling_layers_and_padding():
   assert expected.units_cat.min() < expected.units.max()  # the touch rule was exercised
 
 
-@pytest.mark.parametrize('size', [(13, 11), (14, 10), (3, 2), (7, 5)])
-def test_resizing_matches_pil_bilinear(size):
-  """Up- and (antialiased) downsampling of 7×5 maps equal PIL's BILINEAR up to rounding."""
-  x = np.random.default_rng(6).standard_normal((1, 7, 5, 1)).astype(np.float32)
-  ours = np.asarray(tally.upsample(jnp.asarray(x), size))[0, :, :, 0]
-  np.testing.assert_allclose(ours, reference.upsample_bilinear(x[0, :, :, 0], size), atol=2e-6)
-  if size[0] > 7:  # upsampling: also jax.image.resize's half-pixel linear interpolation
-    np.testing.assert_allclose(ours, jax.image.resize(x, (1, *size, 1), 'linear')[0, :, :, 0],
-                               atol=2e-6)
+def _pil_resize(maps, size, method):
+  """[b, h, w, C] float32 → [b, sh, sw, C] with PIL, map by map."""
+  return np.stack([np.stack([reference.upsample(maps[i, :, :, c], size, method)
+                             for c in range(maps.shape[3])], -1) for i in range(len(maps))])
+
+
+@pytest.mark.parametrize('method', tally.UPSAMPLING)
+@pytest.mark.parametrize('shape,size', [((7, 5), (13, 11)), ((7, 5), (3, 2)), ((16, 16), (64, 64)),
+                                        ((13, 13), (112, 112)), ((6, 6), (227, 227))])
+def test_upsampling_equals_pil_bit_for_bit(maybe_jit, method, shape, size):
+  """Up- and downsampling with each filter equal Image.fromarray(map, 'F').resize(...) exactly,
+  on maps of very different scales and on a plateau."""
+  rng = np.random.default_rng(6)
+  maps = (rng.standard_normal((2, *shape, 3))
+          * np.float32([1e-3, 1.0, 300.0])).astype(np.float32)
+  maps[1, :3, :3, :] = 0.1
+  ours = maybe_jit(functools.partial(tally.upsample, size=size, method=method))(maps)
+  np.testing.assert_array_equal(np.asarray(ours), _pil_resize(maps, size, method))
+
+
+@pytest.mark.parametrize('method', tally.UPSAMPLING)
+def test_plateau_at_the_threshold_counts_as_pil_does(method):
+  """A unit whose activations sit on a plateau exactly at T_k (a uniform background): the masks
+  `map > T_k` depend on the last bit of the upsampled plateau. They equal PIL's, while the same
+  interpolation done with float32 matrices disagrees with PIL on thousands of pixels."""
+  rng = np.random.default_rng(0)
+  plateau = np.float32(0.1)
+  maps = np.full((2, 13, 13, 2), plateau, np.float32)
+  maps[:, :6, :4] = rng.standard_normal((2, 6, 4, 2))
+  thresholds = np.full(2, plateau)
+  pixel = rng.integers(0, 4, (2, 1, 112, 112)).astype(np.int32)
+  image = np.zeros((2, 1), np.int32)
+  onehot = tally.category_onehot(np.array([-1, 0, 0, 1]), 2)
+  expected = reference.tally(np.moveaxis(maps, 3, 1), thresholds, zip(pixel, image),
+                             category_onehot=onehot, upsampling=method)
+  step = jax.jit(functools.partial(tally.tally_batch, category_onehot=jnp.asarray(onehot),
+                                   upsampling=method))
+  ours = step(maps, thresholds, pixel, image, np.ones(2, bool))
+  for name, got, want in zip(tally.TallyCounts._fields, ours, expected):
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+  if method == 'bilinear':
+    taps = tally.resample_taps(13, 112, 'bilinear')
+    matrix = np.zeros((112, 13))
+    np.add.at(matrix, (np.arange(112)[:, None], taps[0]), taps[1])
+    matrix = matrix.astype(np.float32)
+    float32_maps = np.einsum('ah,bg,ihwc->iabc', matrix, matrix, maps).astype(np.float32)
+    assert np.sum(float32_maps > plateau) - expected.units.sum() > 1000
+
+
+def test_bicubic_overshoot_of_a_map_below_the_threshold_is_ignored():
+  """As the reference: a map whose raw maximum is ≤ T_k activates nothing, although bicubic
+  ringing next to a step lifts some upsampled pixels above T_k."""
+  maps = np.zeros((1, 4, 4, 1), np.float32)
+  maps[0, :, 2:] = 1.0
+  assert _pil_resize(maps, (16, 16), 'bicubic').max() > 1.0
+  pixel = np.ones((1, 1, 16, 16), np.int32)
+  step = jax.jit(functools.partial(tally.tally_batch, category_onehot=jnp.ones((2, 1)),
+                                   upsampling='bicubic'))
+  counts = step(maps, np.float32([1.0]), pixel, np.zeros((1, 1), np.int32), np.ones(1, bool))
+  assert int(counts.units[0]) == 0
+  counts = step(maps, np.float32([0.99]), pixel, np.zeros((1, 1), np.int32), np.ones(1, bool))
+  assert int(counts.units[0]) > 0
+
+
+def test_resample_taps_rejects_unknown_methods():
+  with pytest.raises(ValueError, match=r"upsampling must be one of \('bilinear', 'nearest', "
+                     r"'bicubic'\); got 'area'"):
+    tally.resample_taps(4, 8, 'area')
 
 
 def test_images_per_step_divides_batch_and_respects_budget():

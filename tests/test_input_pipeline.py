@@ -119,6 +119,54 @@ def test_random_resized_crop_eval_is_the_resize_256_center_crop_224_window(mock_
   assert np.all(np.isfinite(train_batch['image']))
 
 
+def test_pad_crop_pads_with_pad_value(mock_cifar):
+  """A white (or any RGB) border instead of zeros: every crop is a window of the image padded
+  with pad_value, and some windows show the border."""
+  raw_images, _ = mock_cifar['train']
+  pad_value = (255.0, 128.0, 3.0)
+  padded = np.pad(raw_images.astype(np.float32), ((0, 0), (4, 4), (4, 4), (0, 0)))
+  border = np.ones(padded.shape[1:3], bool)
+  border[4:-4, 4:-4] = False
+  padded[:, border] = pad_value
+  config = _config(augment='pad_crop', pad_value=pad_value)
+  images = _denormalise(config, np.concatenate([b['image'] for b in _take(config, 3)]))
+  shows_border = 0
+  for image in images:
+    matches = [(dy, dx) for source in range(len(padded)) for dy in range(9) for dx in range(9)
+               for window in [padded[source, dy:dy + 32, dx:dx + 32]]
+               if np.allclose(window, image, atol=1e-3)
+               or np.allclose(window[:, ::-1], image, atol=1e-3)]
+    assert matches, 'augmented image is no crop of any image padded with pad_value'
+    shows_border += matches[0] != (4, 4)
+  assert shows_border > 0
+
+
+def test_eval_crop_none_evaluates_on_the_whole_image(mock_cifar):
+  """random_resized_crop with eval_crop='none': the eval transform is the identity at the
+  stored size (the authors' Resize(64) + CenterCrop(64) of 64-px images), not 28 of 32 px."""
+  raw_images, _ = mock_cifar['test']
+  config = _config(augment='random_resized_crop', eval_crop='none')
+  batch = next(input_pipeline.create_split(config, split='test', train=False, batch_size=10,
+                                           seed=0))
+  np.testing.assert_allclose(_denormalise(config, batch['image']), raw_images, atol=1e-3)
+  config = _config(augment='none', eval_crop='center', image_size=28)
+  batch = next(input_pipeline.create_split(config, split='test', train=False, batch_size=10,
+                                           seed=0))
+  np.testing.assert_allclose(_denormalise(config, batch['image']), raw_images[:, 2:30, 2:30],
+                             atol=1e-3)
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(eval_crop='middle'), "dataset.eval_crop must be one of ('center', 'none') or None"),
+    (dict(pad_value=(0.0, 300.0, 0.0)), 'dataset.pad_value must be one value or 3 (RGB) in '
+                                        '[0, 255], got (0.0, 300.0, 0.0)'),
+])
+def test_bad_eval_crop_and_pad_value_are_named(overrides, message):
+  with pytest.raises(ValueError) as error:
+    input_pipeline.preprocess_options(_config(**overrides))
+  assert message in str(error.value)
+
+
 def test_same_seed_same_batches_other_seed_other_batches(mock_cifar):
   del mock_cifar
   config = _config(augment='random_resized_crop')

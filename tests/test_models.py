@@ -245,7 +245,8 @@ def test_create_unknown_name_lists_available_models():
 def test_create_rejects_unknown_options():
   with pytest.raises(ValueError, match=r"Model 'alexnet_bn' \(AlexNet\) has no option\(s\) "
                                        r"\['stem'\]; its options are \['dropout_rate', 'dtype', "
-                                       r"'hidden_features', 'num_classes', 'width_multiplier'\]"):
+                                       r"'hidden_features', 'initializer', 'num_classes', "
+                                       r"'width_multiplier'\]"):
     models.create('alexnet_bn', num_classes=10, stem='cifar')
   with pytest.raises(ValueError, match="stem must be one of .*got 'tiny'"):
     models.create('resnet18', num_classes=10, stem='tiny')
@@ -285,3 +286,48 @@ def test_from_config_builds_the_configured_model():
   with pytest.raises(ValueError,
                      match=r"Model 'resnet18' \(ResNet18\) has no option\(s\) \['depth'\]"):
     models.from_config(config)
+
+
+def test_shapes_cnn_pytorch_initializer_is_pytorchs_default_for_conv_and_linear():
+  """initializer='pytorch': every kernel and bias ~ U(±1/√fan_in), fan_in = 3·3·C_in for the
+  convs and the input width for the head (PyTorch's kaiming_uniform(a=√5) and bias default)."""
+  model = models.create('shapes_cnn', num_classes=2, initializer='pytorch')
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)['params']
+  fan_in = {'conv1': 3 * 3 * 3, 'conv2': 3 * 3 * 128, 'head': 256}
+  for layer, fan in fan_in.items():
+    bound = 1 / math.sqrt(fan)
+    for name in ('kernel', 'bias'):
+      values = np.asarray(params[layer][name]).ravel()
+      assert np.all(np.abs(values) <= bound), (layer, name)
+      if values.size >= 128:  # uniform on (−b, b): reaches both ends, variance b²/3
+        assert values.max() > 0.95 * bound and values.min() < -0.95 * bound, (layer, name)
+        assert np.var(values) == pytest.approx(bound ** 2 / 3, rel=0.15), (layer, name)
+  default = models.create('shapes_cnn', num_classes=2).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)['params']
+  assert not np.any(default['conv1']['bias']) and not np.any(default['head']['bias'])
+  he_std = math.sqrt(2 / (3 * 3 * 128))  # He-normal, fan_out = 3·3·C_out
+  assert np.std(default['conv1']['kernel']) == pytest.approx(he_std, rel=0.1)
+
+
+def test_unknown_initializer_is_named():
+  model = models.create('shapes_cnn', num_classes=2, initializer='xavier')
+  with pytest.raises(ValueError, match=r"config.model.kwargs.initializer must be one of "
+                                       r"\('he_normal', 'pytorch'\), got 'xavier'"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
+
+
+@pytest.mark.parametrize('name, kwargs, image, fan_in', [
+    ('alexnet', dict(width_multiplier=0.25, hidden_features=32), 64,
+     {'conv1': 11 * 11 * 3, 'conv2': 5 * 5 * 16, 'fc2': 32, 'head': 32}),
+    ('vgg16', dict(width_multiplier=0.125, hidden_features=16), 32,
+     {'conv1_1': 3 * 3 * 3, 'conv5_3': 3 * 3 * 64, 'fc1': 64 * 7 * 7, 'head': 16}),
+])
+def test_alexnet_and_vgg_take_the_pytorch_initializer(name, kwargs, image, fan_in):
+  model = models.create(name, num_classes=3, initializer='pytorch', **kwargs)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, image, image, 3)), train=False)[
+      'params']
+  for layer, fan in fan_in.items():
+    bound = 1 / math.sqrt(fan)
+    kernel, bias = (np.asarray(params[layer][n]).ravel() for n in ('kernel', 'bias'))
+    assert np.all(np.abs(kernel) <= bound) and np.all(np.abs(bias) <= bound), layer
+    assert np.abs(kernel).max() > 0.9 * bound and np.any(bias), layer

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cgl_jax.data import broden
 from cgl_jax.data import shapes
@@ -363,3 +364,36 @@ def test_malformed_exported_index_row_is_named(broden_export, tmp_path):
   with pytest.raises(broden.BrodenFormatError,
                      match=rf"{re.escape(index)}, line 4: column 'iw' must be an integer"):
     broden.Broden(directory)
+
+
+def test_broden_export_of_all_images_as_jpeg(tmp_path):
+  """split='all' probes train then validation images (the authors' 28,800 at full size); JPEG
+  quality 95 stores the images lossy (as the authors' probe set) and the label PNGs exactly."""
+  kwargs = dict(seed=2, images_per_class=4, train_fraction=0.5)
+  directory = shapes.export_broden(str(tmp_path / 'all'), split='all', image_format='jpeg',
+                                   **kwargs)
+  train, validation = (shapes.generate(s, **kwargs) for s in shapes.SPLITS)
+  probe = broden.Broden(directory)
+  assert len(probe) == len(train) + len(validation) == 180
+  assert [row.split for row in probe.rows] == ['train'] * 90 + ['val'] * 90
+  assert all(row.image.endswith('.jpg') for row in probe.rows)
+  with Image.open(probe.image_path(0)) as image:
+    assert image.format == 'JPEG'
+  (batch,) = probe.batches(batch_size=len(probe), num_threads=1)
+  images = np.concatenate([train.images, validation.images])
+  error = np.abs(batch['image'].astype(int) - images)
+  assert 0 < error.mean() < 2 and error.max() > 8  # lossy, mostly at the shapes' edges
+  label_maps = shapes.concept_label_maps(np.concatenate([train.color_map, validation.color_map]),
+                                         np.concatenate([train.shape_map, validation.shape_map]))
+  for category in shapes.CATEGORIES:
+    np.testing.assert_array_equal(batch['pixel_labels'][category][:, 0], label_maps[category])
+  assert len(broden.Broden(directory, split='val')) == 90
+
+
+def test_broden_export_rejects_unknown_split_and_format(tmp_path):
+  with pytest.raises(ValueError, match=r"split must be one of \('train', 'validation', 'all'\); "
+                                       r"got 'test'"):
+    shapes.export_broden(str(tmp_path / 'a'), split='test')
+  with pytest.raises(ValueError, match=r"image_format must be one of \('png', 'jpeg'\); got 'gif'"):
+    shapes.export_broden(str(tmp_path / 'b'), image_format='gif', images_per_class=2,
+                         train_fraction=0.5)

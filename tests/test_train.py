@@ -396,3 +396,24 @@ def test_checkpoints_save_and_restore_any_state_with_the_train_fields(tmp_path):
   assert type(restored) is State and restored.note == 'kept'
   for got, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(got, expected)
+
+
+def test_best_checkpoint_is_the_first_step_at_the_maximum(tmp_path):
+  """Ties at the best top-1 keep and return the EARLIER step (the authors' `if acc > best`),
+  also when later steps push it out of the newest ones."""
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    cgl: dict
+    opt_state: tuple
+
+  state = State(step=jnp.asarray(0, jnp.int32), params={'w': jnp.zeros(2)}, batch_stats={},
+                cgl={}, opt_state=())
+  with checkpoints.create_manager(tmp_path, keep=2, asynchronous=False) as manager:
+    for step, top1 in ((1, 0.5), (2, 0.9), (3, 0.9), (4, 0.3), (5, 0.2)):
+      checkpoints.save(manager, state.replace(step=jnp.asarray(step, jnp.int32)),
+                       eval_metrics={'top1': top1})
+  assert checkpoints.available_steps(tmp_path) == [2, 4, 5]
+  assert checkpoints.best_step(tmp_path) == 2

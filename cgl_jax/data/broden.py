@@ -12,8 +12,9 @@ Broden (Bau et al., CVPR 2017) is the probe set of Network Dissection. A Broden 
                   ``cat(count);cat(count)``, label ids are global over all categories.
   c_<cat>.csv     ``code,number,name,frequency,coverage``: the labels of one category with a
                   dense per-category ``code``; its ``coverage`` picks a label's primary category.
-  images/         images (jpg in the real Broden, png for our lossless synthetic exports) and
-                  segmentation PNGs whose label id per pixel is ``R + 256 * G``.
+  images/         images (jpg in the real Broden; our synthetic exports write lossless png by
+                  default, or jpg) and segmentation PNGs whose label id per pixel is
+                  ``R + 256 * G``.
 
 `write_broden` writes this format atomically; `Broden` reads it (ours and the real one) and serves
 batches of resized images with their label maps at the segmentation resolution.
@@ -39,6 +40,8 @@ LABEL_COLUMNS = ('number', 'name', 'category', 'frequency', 'coverage', 'syns')
 CATEGORY_LABEL_COLUMNS = ('code', 'number', 'name', 'frequency', 'coverage')
 _NAME_PATTERN = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.+-]*$')
 _LABEL_CATEGORY_PATTERN = re.compile(r'^([^(]+)\((\d+)\)$')
+IMAGE_FORMATS = ('png', 'jpeg')
+JPEG_QUALITY = 95  # OpenCV's default, with which the CGL authors wrote their synthetic images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,28 +147,38 @@ def write_broden(directory: str, *, images: np.ndarray,
                  concepts: Sequence[tuple[str, str]],
                  pixel_labels: Mapping[str, np.ndarray],
                  image_labels: Mapping[str, Sequence[Sequence[int]]] | None = None,
+                 splits: Sequence[str] | None = None, image_format: str = 'png',
                  overwrite: bool = False) -> str:
   """Writes a Broden-format probe set; returns `directory`.
 
   Args:
     directory: where to write; created atomically (written into a sibling temp dir, then renamed),
       so readers never see a half-written data set.
-    images: uint8 [N, H, W, 3]; stored losslessly as PNG (the real Broden uses JPEG).
+    images: uint8 [N, H, W, 3], stored as `image_format`.
     concepts: (name, category) pairs; concept i (0-based) gets the global label id i + 1
       (0 = no label). Categories are ordered by first appearance.
     pixel_labels: {category: int [N, sh, sw]} label ids of that category (0 = none). Images whose
       map is all zero get an empty field, as in the real Broden.
     image_labels: {category: N lists of label ids} for image-level labels (cover the whole image).
+    splits: the ``split`` column of each image (default: all ``val``, a probe set).
+    image_format: 'png' (lossless, the default) or 'jpeg' (``.jpg``, PIL quality `JPEG_QUALITY`
+      with its default 4:2:0 chroma subsampling, as the real Broden and the CGL authors'
+      synthetic probe set store images).
     overwrite: replace an existing `directory`; otherwise an existing one is an error.
 
   Statistics written as Broden defines them: a label's ``frequency`` is the number of images it
   appears in; its ``coverage`` the sum over images of the fraction of pixels it covers (1 for an
   image-level label); a category's ``frequency`` the number of images with any of its labels.
-  All images are written with split ``val`` (a probe set).
   """
   image_labels = dict(image_labels or {})
   images, categories, label_category = _validate_write_inputs(
       images, concepts, pixel_labels, image_labels)
+  if image_format not in IMAGE_FORMATS:
+    raise ValueError(f'image_format must be one of {IMAGE_FORMATS}; got {image_format!r}')
+  splits = ['val'] * len(images) if splits is None else list(splits)
+  if len(splits) != len(images) or not all(isinstance(x, str) and x for x in splits):
+    raise ValueError(f'splits must name a split (non-empty str) for each of the {len(images)} '
+                     f'images; got {len(splits)} entries')
   directory = os.path.abspath(directory)
   num_images, height, width, _ = images.shape
   seg_h, seg_w = (np.shape(next(iter(pixel_labels.values())))[1:]
@@ -180,8 +193,8 @@ def write_broden(directory: str, *, images: np.ndarray,
     index_rows = []
     for i in range(num_images):
       stem = f'{i:06d}'
-      Image.fromarray(images[i]).save(os.path.join(staging, 'images', f'{stem}.png'))
-      row = [f'{stem}.png', 'val', height, width, seg_h, seg_w]
+      image_name = _save_image(os.path.join(staging, 'images', stem), images[i], image_format)
+      row = [image_name, splits[i], height, width, seg_h, seg_w]
       for category in categories:
         entries = []
         if category in pixel_labels:
@@ -219,6 +232,15 @@ def write_broden(directory: str, *, images: np.ndarray,
                  [[code, i, names[i], label_frequency[i], f'{label_coverage[i]:.6f}']
                   for code, i in enumerate(ids_of[c], start=1)])
   return directory
+
+
+def _save_image(stem: str, image: np.ndarray, image_format: str) -> str:
+  """Writes `image` to `stem`.png or `stem`.jpg; returns the file's name."""
+  if image_format == 'jpeg':
+    Image.fromarray(image).save(stem + '.jpg', quality=JPEG_QUALITY)
+    return os.path.basename(stem) + '.jpg'
+  Image.fromarray(image).save(stem + '.png')
+  return os.path.basename(stem) + '.png'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,21 +320,37 @@ def _parse_float(path: str, line: int, column: str, value: str) -> float:
 class Broden:
   """Reader of a Broden-format directory (the real Broden and our synthetic exports).
 
+  Categories are those of category.csv, or the subset `categories` of them (NetDissect-Lite's
+  default leaves out ``material``). index.csv columns of other categories are ignored, so a
+  trimmed category.csv works as in the reference. With `categories` given, images with no
+  label in any of them are left out, as the reference's SegmentationData does.
+
   Attributes:
     directory: the data set root.
-    categories: category names in category.csv order.
-    labels: `Label`s indexed by id; ``labels[0]`` is the "no label" placeholder.
+    categories: the categories used, in category.csv order.
+    labels: `Label`s indexed by id; ``labels[0]`` is the "no label" placeholder, named '' as the
+      reference names it (its label.csv has no row 0).
     rows: parsed index.csv rows (`IndexRow`), optionally filtered by split.
   """
 
-  def __init__(self, directory: str, *, split: str | None = None):
+  def __init__(self, directory: str, *, split: str | None = None,
+               categories: Sequence[str] | None = None):
     self.directory = os.path.abspath(os.path.expanduser(directory))
     if not os.path.isdir(self.directory):
       raise FileNotFoundError(f'Broden directory missing: {self.directory}')
     path = lambda name: os.path.join(self.directory, name)
 
     category_rows = _read_csv(path('category.csv'), ('name',))
-    self.categories = tuple(row['name'] for _, row in category_rows)
+    listed = tuple(row['name'] for _, row in category_rows)
+    if categories is not None:
+      if isinstance(categories, str) or not categories:
+        raise ValueError(f'categories must be a non-empty sequence of category names (None: '
+                         f'all of {listed}); got {categories!r}')
+      unknown = [c for c in categories if c not in listed]
+      if unknown:
+        raise ValueError(f'categories {unknown} are not in {path("category.csv")} '
+                         f'({", ".join(listed)})')
+    self.categories = tuple(c for c in listed if categories is None or c in categories)
 
     label_path = path('label.csv')
     names, counts, frequency, coverage = {}, {}, {}, {}
@@ -339,7 +377,7 @@ class Broden:
         cov = _parse_float(c_path, line, 'coverage', row.get('coverage') or '')
         self._category_coverage.setdefault(number, []).append((cov, index))
     num_labels = max(names, default=0) + 1
-    labels = [Label(0, '-', '', 0, 0.0, {})]
+    labels = [Label(0, '', '', 0, 0.0, {})]
     for number in range(1, num_labels):
       listed = self._category_coverage.get(number)
       labels.append(Label(number, names.get(number, ''),
@@ -350,15 +388,11 @@ class Broden:
 
     index_path = path('index.csv')
     index_rows = _read_csv(index_path, INDEX_META_COLUMNS)
-    with open(index_path, newline='') as f:
-      header = next(csv.reader(f))
-    unknown = [c for c in header if c not in INDEX_META_COLUMNS and c not in self.categories]
-    if unknown:
-      raise BrodenFormatError(f'{index_path}, line 1: columns {unknown} are not categories of '
-                              f'{path("category.csv")} ({", ".join(self.categories)})')
-    self.rows: tuple[IndexRow, ...] = tuple(
-        self._parse_index_row(index_path, line, row) for line, row in index_rows
-        if split is None or row['split'] == split)
+    rows = tuple(self._parse_index_row(index_path, line, row) for line, row in index_rows
+                 if split is None or row['split'] == split)
+    if categories is not None:
+      rows = tuple(row for row in rows if row.segmentations or row.image_labels)
+    self.rows: tuple[IndexRow, ...] = rows
 
   def _parse_index_row(self, path: str, line: int, row: Mapping[str, str]) -> IndexRow:
     sizes = {k: _parse_int(path, line, k, row[k], minimum=1) for k in ('ih', 'iw', 'sh', 'sw')}

@@ -333,23 +333,39 @@ def generate(split: str, *, setting: str = 'binary', seed: int = 0,
   return draw(layout, setting)
 
 
+PROBE_SPLITS = SPLITS + ('all',)
+
+
 def export_broden(directory: str, *, split: str = 'validation', seed: int = 0,
                   images_per_class: int = 640, train_fraction: float = 0.8,
-                  overwrite: bool = False) -> str:
-  """Writes one split as a Broden-format probe set (`broden.write_broden`).
+                  image_format: str = 'png', overwrite: bool = False) -> str:
+  """Writes a split as a Broden-format probe set (`broden.write_broden`).
 
   Categories ``color``, ``shape`` and ``color_shape`` with the 15 `CONCEPTS`
-  (label ids 1..15 in that order) as pixel labels; images are lossless PNGs.
-  Both label settings share the images, so the export has no `setting`; pass
-  the generator arguments of the trained dataset (e.g. a tfds config's
-  ``generator_kwargs()``) to probe the images it was validated on.
+  (label ids 1..15 in that order) as pixel labels. Both label settings share
+  the images, so the export has no `setting`; pass the generator arguments of
+  the trained dataset (e.g. a tfds config's ``generator_kwargs()``) to probe
+  the images it was validated on.
+
+  Args:
+    split: 'validation', 'train', or 'all' (train then validation: the CGL
+      authors probe all 28,800 images). index.csv's ``split`` column says
+      which split each image came from ('train' / 'val').
+    image_format: 'png' (lossless) or 'jpeg' (quality 95, as the authors
+      stored their synthetic images); the label PNGs are always lossless.
 
   Returns:
     `directory`.
   """
-  examples = generate(split, seed=seed, images_per_class=images_per_class,
-                      train_fraction=train_fraction)
+  _check_choice('split', split, PROBE_SPLITS)
+  parts = SPLITS if split == 'all' else (split,)
+  examples = [generate(part, seed=seed, images_per_class=images_per_class,
+                       train_fraction=train_fraction) for part in parts]
+  color_map = np.concatenate([e.color_map for e in examples])
+  shape_map = np.concatenate([e.shape_map for e in examples])
+  splits = [('val' if part == 'validation' else part)
+            for part, e in zip(parts, examples) for _ in range(len(e))]
   return broden.write_broden(
-      directory, images=examples.images, concepts=CONCEPTS,
-      pixel_labels=concept_label_maps(examples.color_map, examples.shape_map),
-      overwrite=overwrite)
+      directory, images=np.concatenate([e.images for e in examples]), concepts=CONCEPTS,
+      pixel_labels=concept_label_maps(color_map, shape_map), splits=splits,
+      image_format=image_format, overwrite=overwrite)

@@ -17,6 +17,7 @@ import os
 import ml_collections
 
 from cgl_jax.data import broden as broden_lib
+from cgl_jax.dissect import measurement
 from cgl_jax.dissect.report import write_report
 from cgl_jax.dissect.results import (DissectionResult, LayerResult, compute,
                                      ratio_of_unique_detectors)
@@ -27,8 +28,9 @@ __all__ = ['DissectionResult', 'DissectionSettings', 'LayerResult', 'compute', '
 
 
 def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The Broden directory to probe: `config.dissect.broden_dir`, or the shapes validation split
-  exported once (cached next to the data, or under workdir/dissect when data_dir is None)."""
+  """The Broden directory to probe: `config.dissect.broden_dir`, or the shapes images of the
+  measurement's probe split and image format (`measurement.resolve`), exported once (cached next
+  to the data, or under workdir/dissect when data_dir is None)."""
   if config.dissect.broden_dir:
     return config.dissect.broden_dir
   name = config.dataset.name
@@ -44,24 +46,44 @@ def probe_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError(f'config.dataset.name {name!r}: unknown cgl_shapes config '
                      f'{builder_name!r}; known: {sorted(builtin)}')
   kwargs = builtin[builder_name].generator_kwargs()
+  chosen = measurement.resolve(config.dissect)
   root = config.dataset.data_dir or os.path.join(workdir, 'dissect')
   key = '_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))
-  directory = os.path.join(root, 'broden', f'cgl_shapes_validation_{key}')
+  suffix = '' if chosen['image_format'] == 'png' else f'_jpeg{broden_lib.JPEG_QUALITY}'
+  directory = os.path.join(root, 'broden', f'cgl_shapes_{chosen["probe_split"]}_{key}{suffix}')
   if not os.path.isdir(directory):
     try:
-      shapes.export_broden(directory, split='validation', **kwargs)
+      shapes.export_broden(directory, split=chosen['probe_split'],
+                           image_format=chosen['image_format'], **kwargs)
     except FileExistsError:  # another process exported it meanwhile (the write is atomic)
       pass
   return directory
 
 
+CHECKPOINTS = ('latest', 'best')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> str:
-  """Dissects checkpoint `step` (None: the latest) of `workdir` as `config.dissect` says;
-  returns the output folder `workdir/dissect/step_<step>`."""
+  """Dissects checkpoint `step` of `workdir` as `config.dissect` says; returns the output folder
+  `workdir/dissect/step_<step>`.
+
+  step None: `config.dissect.checkpoint` picks it, 'latest' or 'best' (the kept step of highest
+  validation top-1, the earliest of ties: `checkpoints.best_step`).
+  """
   from cgl_jax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax)
   settings = DissectionSettings.from_config(config)
+  which = config.dissect.get('checkpoint', 'latest')
+  if which not in CHECKPOINTS:
+    raise ValueError(f'config.dissect.checkpoint must be one of {CHECKPOINTS}; got {which!r}')
+  if step is None and which == 'best':
+    step = checkpoints.best_step(workdir)
+    if step is None:
+      raise FileNotFoundError(
+          f"config.dissect.checkpoint='best', but no kept checkpoint in "
+          f'{checkpoints.checkpoint_dir(workdir)} was saved with validation metrics; evaluate '
+          "when checkpointing, or set config.dissect.checkpoint='latest'")
   model, variables, step = checkpoints.restore_model(config, workdir, step=step)
-  data = broden_lib.Broden(probe_directory(config, workdir))
+  data = broden_lib.Broden(probe_directory(config, workdir), categories=settings.categories)
   result = compute(model, variables, data, settings)
   return write_report(result, os.path.join(workdir, 'dissect', f'step_{step}'), step=step,
                       data=data)

@@ -184,7 +184,7 @@ def _merge_top_images_of_layers(top, activations, rows, valid, *, k):
 
 
 @functools.lru_cache(maxsize=32)
-def _tally_step(*, images_per_step: tuple[tuple[str, int], ...]) -> Callable:
+def _tally_step(*, images_per_step: tuple[tuple[str, int], ...], upsampling: str) -> Callable:
   """jit(activations, valid, thresholds, pixel, image, category_onehot) → {layer: counts}.
 
   All layers' `tally.tally_batch` in one executable (`images_per_step`: (layer, steps) pairs).
@@ -194,7 +194,8 @@ def _tally_step(*, images_per_step: tuple[tuple[str, int], ...]) -> Callable:
   def step(activations, valid, thresholds, pixel_labels, image_labels, category_onehot):
     return {name: tally_lib.tally_batch(
         activations[name], thresholds[name], pixel_labels, image_labels, valid,
-        category_onehot=category_onehot, images_per_step=steps[name]) for name in steps}
+        category_onehot=category_onehot, images_per_step=steps[name], upsampling=upsampling)
+        for name in steps}
 
   return jax.jit(step)
 
@@ -208,7 +209,8 @@ def dissect_layers(model, variables, data: broden_lib.Broden, settings: Dissecti
     model, variables: a Flax model following the `cgl_jax.models` contract and its variables.
     data: the probe set.
     settings: layers, input normalisation, quantile (exact or histogram), probe batch size and
-      image size, top images kept per unit (the other fields are not used here).
+      image size, top images kept per unit, the upsampling of maps to the segmentation size
+      (the other fields are not used here).
     categories: the concept categories to tally (default: all of `data`).
     show_progress: progress bars on stderr.
     timings: if given, receives each pass's wall seconds ('pass 1 (thresholds)', …), waited
@@ -277,7 +279,7 @@ def dissect_layers(model, variables, data: broden_lib.Broden, settings: Dissecti
   step = _tally_step(images_per_step=tuple(
       (name, tally_lib.images_per_step(batch_size=batch_size, pixels=seg_h * seg_w,
                                        num_units=num_units[name], num_labels=data.num_labels))
-      for name in layers))
+      for name in layers), upsampling=settings.upsampling)
   totals = {name: tally_lib.TallyCounts.zeros(
       num_units=num_units[name], num_labels=data.num_labels, num_categories=len(categories))
       for name in layers}

@@ -3,8 +3,9 @@
 Kept as an independent check of `tally.py`/`quantile.py` (tests) and as the baseline of
 ``experiments/bench_dissect.py``: it stores every activation of the probe set ([N, C, h, w], as
 the reference's float memmaps), takes the per-unit quantile with `numpy.quantile` over all of it,
-and tallies image by image and unit by unit, upsampling each map with PIL's bilinear filter (what
-the reference's ``scipy.misc.imresize(..., mode='F')`` calls). Slow and memory-hungry by design.
+and tallies image by image and unit by unit, upsampling each map with PIL (bilinear by default:
+what the reference's ``scipy.misc.imresize(..., mode='F')`` calls). Slow and memory-hungry by
+design.
 """
 from __future__ import annotations
 
@@ -22,18 +23,23 @@ def thresholds(features: np.ndarray, quantile: float) -> np.ndarray:
   return np.quantile(per_unit, 1 - quantile, axis=1).astype(np.float32)
 
 
-def upsample_bilinear(feature_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """float32 [h, w] → [sh, sw] with PIL's bilinear filter (the reference's imresize mode 'F')."""
+PIL_RESAMPLE = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST, 'bicubic': Image.BICUBIC}
+
+
+def upsample(feature_map: np.ndarray, size: tuple[int, int],
+             method: str = 'bilinear') -> np.ndarray:
+  """float32 [h, w] → [sh, sw] with PIL's resize of the float image (the reference's imresize
+  mode 'F' for 'bilinear'; `PIL_RESAMPLE` names the filters)."""
   if feature_map.shape == tuple(size):
     return feature_map.astype(np.float32)
   image = Image.fromarray(np.asarray(feature_map, np.float32), mode='F')
-  return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), np.float32)
+  return np.asarray(image.resize((size[1], size[0]), PIL_RESAMPLE[method]), np.float32)
 
 
 def tally(features: np.ndarray, unit_thresholds: np.ndarray,
           examples: Iterable[tuple[np.ndarray, np.ndarray]], *,
-          category_onehot: np.ndarray) -> TallyCounts:
-  """The reference's tally loop.
+          category_onehot: np.ndarray, upsampling: str = 'bilinear') -> TallyCounts:
+  """The reference's tally loop (maps resized with PIL's `upsampling` filter).
 
   Args:
     features: [N, C, h, w] activations (array or memmap), image order = `examples` order.
@@ -57,8 +63,8 @@ def tally(features: np.ndarray, unit_thresholds: np.ndarray,
     for unit in range(num_units):
       feature_map = features[image_index, unit]
       if feature_map.max() <= unit_thresholds[unit]:
-        continue  # bilinear maps never exceed the raw maximum
-      mask = upsample_bilinear(feature_map, size) > unit_thresholds[unit]
+        continue  # as the reference: also for bicubic, whose overshoot could exceed T_k
+      mask = upsample(feature_map, size, upsampling) > unit_thresholds[unit]
       indexes = np.argwhere(mask)
       units[unit] += len(indexes)
       touched = np.bincount(pixels[:, indexes[:, 0], indexes[:, 1]].ravel(),

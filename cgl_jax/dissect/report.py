@@ -78,7 +78,9 @@ def write_report(result: results_lib.DissectionResult, outdir: str, *, step: int
         meta=[f'Probe set: {result.probe_set} ({result.num_images} images, categories '
               f'{", ".join(result.categories)}).',
               f'Thresholds: top {settings.quantile:g} quantile per unit ({quantile_method}); '
-              f'IoU thresholds {", ".join(f"{t:g}" for t in settings.iou_thresholds)}.'],
+              f'IoU thresholds {", ".join(f"{t:g}" for t in settings.iou_thresholds)}.',
+              f'Measurement: {settings.measurement or "as called"}; maps upsampled '
+              f'{settings.upsampling} (PIL).'],
         summary=summary, layers=layer_pages, categories=result.categories)
     with open(os.path.join(staging, 'report.html'), 'w') as f:
       f.write(page)
@@ -107,7 +109,9 @@ def _step_summary(result: results_lib.DissectionResult, *, step: int,
       'step': step, 'probe_set': result.probe_set, 'num_images': result.num_images,
       'categories': list(result.categories), 'quantile': settings.quantile,
       'exact_quantile': settings.exact_quantile,
-      'iou_thresholds': list(settings.iou_thresholds), 'layers': dict(layer_summaries),
+      'iou_thresholds': list(settings.iou_thresholds),
+      'measurement': settings.measurement_record(result.categories),
+      'layers': dict(layer_summaries),
       'rud': result.rud, 'seconds': round(result.seconds, 1),
   }
 
@@ -171,8 +175,14 @@ def write_json(path: str, payload) -> None:
 
 def tally_rows(concepts: tally_lib.UnitConcepts, counts: tally_lib.TallyCounts, *,
                categories: Sequence[str], label_names: Sequence[str]) -> list[dict]:
-  """One dict per unit, best score first; units numbered from 1 as in the reference."""
+  """One dict per unit, best score first; units numbered from 1 as in the reference.
+
+  A category without a match (label 0) is written as the reference writes it: empty label,
+  truth, intersection and IoU 0, and as activation the unit's count for label 0's primary
+  category in the reference, the last one.
+  """
   rows = []
+  last = len(categories) - 1
   for unit in np.argsort(-concepts.score, kind='stable'):
     row = {'unit': int(unit) + 1, 'category': categories[concepts.category[unit]],
            'label': label_names[concepts.label[unit]], 'score': float(concepts.score[unit])}
@@ -180,7 +190,7 @@ def tally_rows(concepts: tally_lib.UnitConcepts, counts: tally_lib.TallyCounts, 
       label = concepts.category_label[unit, g]
       row.update({f'{category}-label': label_names[label] if label else '',
                   f'{category}-truth': int(counts.labels[label]) if label else 0,
-                  f'{category}-activation': int(counts.units_cat[unit, g]),
+                  f'{category}-activation': int(counts.units_cat[unit, g if label else last]),
                   f'{category}-intersect': int(counts.both[unit, label]) if label else 0,
                   f'{category}-iou': float(concepts.category_iou[unit, g])})
     rows.append(row)

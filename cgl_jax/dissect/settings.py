@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
+
+from cgl_jax.dissect import measurement as measurement_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,11 @@ class DissectionSettings:
     image_size: side of the (square) images fed to the model.
     top_images: images kept per unit for its image strip.
     num_groups: concept groups per layer (config.cgl.num_groups); None: no groups.
+    upsampling: PIL's filter resizing the maps to the segmentation size, 'bilinear' |
+      'nearest' | 'bicubic' (`tally.upsample`).
+    categories: the concept categories to use (None: all of the probe set's).
+    measurement: the preset these settings follow, and `image_format`, `probe_split` how the
+      shapes probe set was exported (`measurement.resolve`); recorded in summary.json.
 
   Raises:
     ValueError: a setting out of range (named as its `config.dissect` key).
@@ -36,6 +44,11 @@ class DissectionSettings:
   image_size: int = 64
   top_images: int = 10
   num_groups: int | None = None
+  upsampling: str = 'bilinear'
+  categories: tuple[str, ...] | None = None
+  measurement: str | None = None
+  image_format: str | None = None
+  probe_split: str | None = None
 
   def __post_init__(self):
     # Frozen: sequences become tuples (hashable, not shared with the caller).
@@ -43,6 +56,11 @@ class DissectionSettings:
     object.__setattr__(self, 'iou_thresholds', tuple(self.iou_thresholds))
     object.__setattr__(self, 'mean', tuple(float(m) for m in np.ravel(self.mean)))
     object.__setattr__(self, 'std', tuple(float(s) for s in np.ravel(self.std)))
+    if self.categories is not None:
+      object.__setattr__(self, 'categories', tuple(self.categories))
+    if self.upsampling not in measurement_lib.CHOICES['upsampling']:
+      raise ValueError(f'config.dissect.upsampling must be one of '
+                       f'{measurement_lib.CHOICES["upsampling"]}; got {self.upsampling!r}')
     if not self.layers:
       raise ValueError('config.dissect.layers is empty: name the conv layers to dissect')
     if not self.iou_thresholds or any(not 0 < t <= 1 for t in self.iou_thresholds):
@@ -60,8 +78,18 @@ class DissectionSettings:
     from cgl_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (tensorflow)
     mean, std = input_pipeline.normalization(config.dataset)
     dissect = config.dissect
+    chosen = measurement_lib.resolve(dissect)
     return cls(layers=tuple(dissect.layers), mean=tuple(mean), std=tuple(std),
                quantile=dissect.quantile, exact_quantile=dissect.exact_quantile,
-               iou_thresholds=tuple(dissect.iou_thresholds), batch_size=dissect.batch_size,
+               iou_thresholds=tuple(chosen['iou_thresholds']), batch_size=dissect.batch_size,
                image_size=dissect.image_size or config.dataset.image_size,
-               top_images=dissect.top_images, num_groups=config.cgl.num_groups)
+               top_images=dissect.top_images, num_groups=config.cgl.num_groups,
+               upsampling=chosen['upsampling'], categories=chosen['categories'],
+               measurement=chosen['preset'], image_format=chosen['image_format'],
+               probe_split=chosen['probe_split'])
+
+  def measurement_record(self, categories: Sequence[str]) -> dict:
+    """summary.json's 'measurement': how these settings measure, with the `categories` used."""
+    return {'preset': self.measurement, 'upsampling': self.upsampling,
+            'image_format': self.image_format, 'probe_split': self.probe_split,
+            'iou_thresholds': list(self.iou_thresholds), 'categories': list(categories)}

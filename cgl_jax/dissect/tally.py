@@ -1,7 +1,8 @@
 """The Network Dissection IoU tally (NetDissect-Lite's rule), batched on the accelerator.
 
-For unit k with threshold T_k, image i and its upsampled map A_ik (bilinear, to the segmentation
-size), the activation mask is M_ik = A_ik > T_k. Over the whole probe set the reference counts
+For unit k with threshold T_k, image i and its upsampled map A_ik (to the segmentation size,
+see `upsample`), the activation mask is M_ik = A_ik > T_k. Over the whole probe set the reference
+counts
 
   labels[c]          pixels carrying label c (an image-level label counts the whole image);
   units[k]           Σ_i |M_ik|;
@@ -13,10 +14,13 @@ size), the activation mask is M_ik = A_ik > T_k. Over the whole probe set the re
 and IoU_kc = both[k, c] / (units_cat[k, g(c)] + labels[c] − both[k, c] + 1e-10) with g(c) the
 label's primary category. Label id 0 means "no label" and is never counted.
 
-Upsampling: PIL's BILINEAR filter written as two interpolation matrices (`bilinear_matrix`):
-half-pixel centres, clamped borders, i.e. the reference's ``scipy.misc.imresize(feature_map,
-(sh, sw), mode='F')`` (tests compare with PIL; it equals `jax.image.resize(..., 'linear')` when
-upsampling).
+Upsampling (`UPSAMPLING`), each bit-exact with PIL's resize of the float map:
+  'bilinear'  NetDissect-Lite's ``scipy.misc.imresize(feature_map, (sh, sw), mode='F')``, which
+              is PIL's BILINEAR (the default);
+  'nearest'   PIL's NEAREST: the CGL authors' synthetic-data dissection calls
+              ``Image.fromarray(feature_map).resize(size)``, whose default resample is NEAREST
+              before Pillow 7.0 ...
+  'bicubic'   ... and BICUBIC from Pillow 7.0 on.
 """
 from __future__ import annotations
 
@@ -58,41 +62,121 @@ def category_onehot(primary_category: np.ndarray, num_categories: int) -> np.nda
   return onehot
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """float32 [out, in]: PIL's BILINEAR resampling along one axis as a matrix.
+# PIL's resampling filters (libImaging/Resample.c): (filter(x), support at scale 1).
+def _bilinear_filter(x: float) -> float:
+  x = abs(x)
+  return 1.0 - x if x < 1.0 else 0.0
 
-  Output pixel x samples the input at centre c = (x + ½)·s (s = in/out) with the triangle filter
-  of support max(s, 1) (so downsampling averages, antialiased), weights normalised to sum to 1 —
-  PIL's ImagingResample, which the reference reaches through scipy.misc.imresize(mode='F'). For
-  upsampling this is plain half-pixel-centre linear interpolation with clamped borders.
+
+def _bicubic_filter(x: float) -> float:
+  a = -0.5  # PIL's bicubic constant
+  x = abs(x)
+  if x < 1.0:
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+  if x < 2.0:
+    return (((x - 5) * x + 8) * x - 4) * a
+  return 0.0
+
+
+_PIL_FILTERS = {'bilinear': (_bilinear_filter, 1.0), 'bicubic': (_bicubic_filter, 2.0)}
+UPSAMPLING = ('bilinear', 'nearest', 'bicubic')
+
+
+def resample_taps(in_size: int, out_size: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+  """PIL's resampling along one axis: input index int32 [out, k] and weight float64 [out, k].
+
+  Output pixel x = Σ_j weight[x, j] · input[index[x, j]], summed in order j = 0, 1, ….
+
+  'bilinear', 'bicubic': PIL's ImagingResample coefficients, computed in double exactly as
+  Pillow does: centre c = (x + ½)·s with s = in/out, filter support σ·max(s, 1) (σ = 1 bilinear,
+  2 bicubic with a = −½), taps clipped to the image, weights divided by their sum (so borders
+  are clamped and downsampling averages). Unused trailing taps have weight 0.
+  'nearest': PIL's nearest-neighbour scaling: index ⌊x_x⌋ where x_0 = s/2 and x_{x+1} = x_x + s
+  (accumulated in double, as Pillow does), weight 1.
   """
+  if method not in UPSAMPLING:
+    raise ValueError(f'upsampling must be one of {UPSAMPLING}; got {method!r}')
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f'sizes must be positive; got {in_size} -> {out_size}')
   scale = in_size / out_size
-  support = max(scale, 1.0)
-  matrix = np.zeros((out_size, in_size), np.float64)
+  if method == 'nearest':
+    index = np.zeros((out_size, 1), np.int32)
+    position = scale * 0.5
+    for x in range(out_size):
+      index[x, 0] = min(int(position), in_size - 1)
+      position += scale
+    return index, np.ones((out_size, 1), np.float64)
+  kernel, base_support = _PIL_FILTERS[method]
+  filterscale = max(scale, 1.0)
+  support = base_support * filterscale
+  ksize = int(np.ceil(support)) * 2 + 1
+  index = np.zeros((out_size, ksize), np.int32)
+  weight = np.zeros((out_size, ksize), np.float64)
   for x in range(out_size):
     centre = (x + 0.5) * scale
-    first = max(int(centre - support + 0.5), 0)
-    last = min(int(centre + support + 0.5), in_size)
-    taps = np.arange(first, last)
-    weights = np.maximum(0.0, 1.0 - np.abs((taps - centre + 0.5) / support))
-    matrix[x, taps] = weights / weights.sum()
-  return matrix.astype(np.float32)
+    inverse = 1.0 / filterscale
+    xmin = max(int(centre - support + 0.5), 0)  # C casts truncate towards 0, as int() does
+    xmax = min(int(centre + support + 0.5), in_size) - xmin
+    taps = [kernel((t + xmin - centre + 0.5) * inverse) for t in range(xmax)]
+    total = 0.0
+    for w in taps:
+      total += w
+    for t, w in enumerate(taps):
+      weight[x, t] = w / total if total != 0.0 else w
+    index[x] = np.minimum(xmin + np.arange(ksize), in_size - 1)
+  return index, weight
 
 
-def upsample(activations: jax.Array, size: Sequence[int]) -> jax.Array:
-  """Bilinear resize of [b, h, w, C] maps to [b, sh, sw, C] (float32), as PIL does it.
+def _split_weights(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """float64 weight = high + low exactly, high with ≤ 29 significant bits and low with ≤ 24: the
+  products of a float32 (24 bits) with either are exact in double precision."""
+  high = (weight.view(np.uint64) & ~np.uint64((1 << 24) - 1)).view(np.float64)
+  return high, weight - high
 
-  Two small matmuls with `bilinear_matrix` (separable filter): much faster on CPU than
-  `jax.image.resize`, and the same as the reference also when downsampling.
+
+def _resample_axis(maps: jax.Array, taps: tuple[np.ndarray, np.ndarray], axis: int) -> jax.Array:
+  """One PIL pass along `axis` of float32 maps: Σ_j in double, in tap order, then to float32."""
+  index, weight = taps
+  shape = [1] * maps.ndim
+  shape[axis] = index.shape[0]
+  high, low = _split_weights(weight)
+  total = None
+  for j in range(index.shape[1]):
+    values = jnp.take(maps, jnp.asarray(index[:, j]), axis=axis).astype(jnp.float64)
+    # values·high and values·low are exact in double, so their sum is the correctly rounded
+    # product values·weight, as Pillow computes it, also where XLA fuses a multiply and an add
+    # into one fused multiply-add (which a plain values·weight + total would not survive).
+    term = (values * jnp.asarray(high[:, j]).reshape(shape)
+            + values * jnp.asarray(low[:, j]).reshape(shape))
+    total = term if total is None else total + term
+  # Round to float32 as Pillow stores each pass. reduce_precision, because XLA may drop a
+  # float64 → float32 → float64 round trip between the passes (excess precision is allowed).
+  return jax.lax.reduce_precision(total, exponent_bits=8, mantissa_bits=23).astype(jnp.float32)
+
+
+def upsample(activations: jax.Array, size: Sequence[int], method: str = 'bilinear') -> jax.Array:
+  """Resizes [b, h, w, C] maps to [b, sh, sw, C] float32 exactly as PIL resizes each map.
+
+  Equal, bit for bit, to ``Image.fromarray(map, mode='F').resize((sw, sh), resample)`` with
+  resample BILINEAR, NEAREST or BICUBIC (`resample_taps`): like Pillow, the horizontal pass runs
+  first, each pass sums its taps in double precision in tap order and rounds to float32, and an
+  axis whose size does not change is left alone. The exact double arithmetic matters where many
+  activations equal the unit's threshold (a plateau, e.g. on a uniform background): there a
+  float32 sum of interpolation weights can land one ulp off and flip `map > T_k`. On TPUs, which
+  have no float64, the sums are float32 (not bit-exact).
   """
   activations = activations.astype(jnp.float32)
   _, height, width, _ = activations.shape
   if (height, width) == tuple(size):
     return activations
-  rows = jnp.asarray(bilinear_matrix(height, size[0]))
-  cols = jnp.asarray(bilinear_matrix(width, size[1]))
-  resized = jnp.einsum('ah,bhwc->bawc', rows, activations, precision=_HIGHEST)
-  return jnp.einsum('gw,bawc->bagc', cols, resized, precision=_HIGHEST)
+  exact = jax.default_backend() != 'tpu'
+  with jax.enable_x64(exact):
+    resized = activations
+    if width != size[1]:
+      resized = _resample_axis(resized, resample_taps(width, size[1], method), axis=2)
+    if height != size[0]:
+      resized = _resample_axis(resized, resample_taps(height, size[0], method), axis=1)
+  return resized
 
 
 def images_per_step(*, batch_size: int, pixels: int, num_units: int, num_labels: int,
@@ -113,7 +197,7 @@ def images_per_step(*, batch_size: int, pixels: int, num_units: int, num_labels:
 
 def tally_batch(activations: jax.Array, thresholds: jax.Array, pixel_labels: jax.Array,
                 image_labels: jax.Array, valid: jax.Array, *, category_onehot: jax.Array,
-                images_per_step: int = 1) -> TallyCounts:
+                images_per_step: int = 1, upsampling: str = 'bilinear') -> TallyCounts:
   """The counts of one batch (pure; jit it with `images_per_step` static).
 
   Args:
@@ -124,10 +208,13 @@ def tally_batch(activations: jax.Array, thresholds: jax.Array, pixel_labels: jax
     valid: bool [b]; padded images (False) contribute nothing.
     category_onehot: float32 [L, G] from `category_onehot`.
     images_per_step: images per step of the scan over the batch (a divisor of b): bounds memory.
+    upsampling: how maps reach the segmentation size, one of `UPSAMPLING` (see `upsample`).
 
   Returns:
     int32 `TallyCounts` of this batch.
   """
+  if upsampling not in UPSAMPLING:
+    raise ValueError(f'upsampling must be one of {UPSAMPLING}; got {upsampling!r}')
   batch, _, _, num_units = activations.shape
   _, layers, seg_h, seg_w = pixel_labels.shape
   num_labels, num_categories = category_onehot.shape
@@ -139,7 +226,9 @@ def tally_batch(activations: jax.Array, thresholds: jax.Array, pixel_labels: jax
   def one_step(carry, inputs):
     acts, pix, img, ok = inputs
     c = acts.shape[0]
-    active = (upsample(acts, (seg_h, seg_w)) > thresholds) & ok[:, None, None, None]
+    # As the reference, a map whose maximum is ≤ T_k activates nothing (bicubic overshoot could).
+    fires = (jnp.max(acts, axis=(1, 2)) > thresholds) & ok[:, None]  # [c, C]
+    active = (upsample(acts, (seg_h, seg_w), upsampling) > thresholds) & fires[:, None, None, :]
     active = active.reshape(c, pixels, num_units).astype(jnp.float32)
     counts = jnp.sum(active, axis=1).astype(jnp.int32)  # [c, C]
     pix_hot = jax.nn.one_hot(pix.reshape(c, layers, pixels), num_labels, dtype=jnp.float32)
@@ -186,7 +275,8 @@ def iou(counts: TallyCounts, primary_category: np.ndarray) -> np.ndarray:
 class UnitConcepts:
   """Per unit: best concept per category and overall.
 
-  category_label: int [C, G] best label id per category (0 if the category has no labels).
+  category_label: int [C, G] best label id per category; 0 (no label) where every label of the
+    category has IoU 0, or the category has no labels.
   category_iou: float [C, G] its IoU.
   label: int [C] the unit's label (the category-best with the highest IoU).
   category: int [C] index of that label's category.
@@ -204,7 +294,14 @@ class UnitConcepts:
 
 def unit_concepts(iou_matrix: np.ndarray, primary_category: np.ndarray,
                   num_categories: int) -> UnitConcepts:
-  """Each unit's best concept per category and its label (the reference's argmax rule)."""
+  """Each unit's best concept per category and its label, by NetDissect-Lite's rules.
+
+  Per category the label of highest IoU (ties: the smaller id), or label 0 when all of them
+  are 0 — the reference's argmax over all label ids then lands on id 0. The unit's label is the
+  category-best of highest IoU; among tied categories the LAST one (the reference takes the
+  first of a reversed ascending sort). So a unit that matches nothing gets label 0, score 0 and
+  the last category, as in the reference's tally.csv.
+  """
   primary_category = np.asarray(primary_category)
   num_units = iou_matrix.shape[0]
   category_label = np.zeros((num_units, num_categories), np.int64)
@@ -213,9 +310,9 @@ def unit_concepts(iou_matrix: np.ndarray, primary_category: np.ndarray,
     members = np.flatnonzero(primary_category == g)
     if members.size:
       best = np.argmax(iou_matrix[:, members], axis=1)
-      category_label[:, g] = members[best]
       category_iou[:, g] = iou_matrix[np.arange(num_units), members[best]]
-  category = np.argmax(category_iou, axis=1)
+      category_label[:, g] = np.where(category_iou[:, g] > 0, members[best], 0)
+  category = num_categories - 1 - np.argmax(category_iou[:, ::-1], axis=1)
   units = np.arange(num_units)
   return UnitConcepts(category_label, category_iou, category_label[units, category], category,
                       category_iou[units, category])

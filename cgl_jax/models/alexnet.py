@@ -50,6 +50,8 @@ class AlexNet(nn.Module):
     hidden_features: width of the two hidden FC layers (4096 in the paper).
     dropout_rate: dropout before each hidden FC (needs `rngs={'dropout': key}` when training).
     dtype: compute dtype; params stay float32, logits are float32.
+    initializer: 'he_normal' (default) | 'pytorch' (PyTorch's default U(±1/√fan_in) for every
+      conv and linear layer, as the authors' AlexNet module starts); `layers.INITIALIZERS`.
   """
   num_classes: int
   batch_norm: bool = False
@@ -57,6 +59,7 @@ class AlexNet(nn.Module):
   hidden_features: int = 4096
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  initializer: str = 'he_normal'
 
   def _features(self, spec: _ConvSpec) -> int:
     return layers.scaled_width(spec.features, self.width_multiplier)
@@ -71,11 +74,13 @@ class AlexNet(nn.Module):
     for spec in _CONVS:
       conv = layers.SownConv(self._features(spec), kernel_size=spec.kernel_size,
                              strides=spec.strides, padding=spec.padding,
-                             batch_norm=self.batch_norm, dtype=self.dtype, name=spec.name)
+                             batch_norm=self.batch_norm, dtype=self.dtype,
+                             initializer=self.initializer, name=spec.name)
       x = nn.relu(conv(x, train=train))
       if spec.pool_after:
         x = layers.max_pool(x, window=3, stride=2)
     x = layers.adaptive_avg_pool(x, 6)
     return layers.classifier_head(
         x, hidden=(self.hidden_features,) * 2, num_classes=self.num_classes,
-        dropout_rate=self.dropout_rate, dropout_first=True, train=train, dtype=self.dtype)
+        dropout_rate=self.dropout_rate, dropout_first=True, train=train, dtype=self.dtype,
+        initializer=self.initializer)

@@ -31,6 +31,38 @@ BN_NAME = 'bn'
 # He-normal with fan_out, as torchvision initialises the convs of VGG and ResNet.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+# Parameter initialisations a model can be built with (its `initializer` attribute):
+#   'he_normal'  conv kernels He-normal (fan_out), biases 0; dense layers flax's default
+#                (LeCun-normal kernel, bias 0);
+#   'pytorch'    PyTorch's default for nn.Conv2d and nn.Linear, which the CGL authors' synthetic
+#                models keep: kaiming_uniform(a=√5) kernels, i.e. U(±1/√fan_in), and biases
+#                U(±1/√fan_in), fan_in = k·k·C_in (conv) or the input width (dense).
+INITIALIZERS = ('he_normal', 'pytorch')
+_pytorch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def check_initializer(initializer: str) -> None:
+  if initializer not in INITIALIZERS:
+    raise ValueError(f'config.model.kwargs.initializer must be one of {INITIALIZERS}, got '
+                     f'{initializer!r}')
+
+
+def _pytorch_bias_init(fan_in: int):
+  """U(±1/√fan_in), PyTorch's default bias of nn.Conv2d / nn.Linear."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def dense_inits(initializer: str, *, fan_in: int) -> dict[str, Any]:
+  """kernel_init / bias_init keywords of `nn.Dense` for `initializer` ({} = flax's default)."""
+  check_initializer(initializer)
+  if initializer == 'pytorch':
+    return {'kernel_init': _pytorch_kernel_init, 'bias_init': _pytorch_bias_init(fan_in)}
+  return {}
+
 # torchvision's BatchNorm2d defaults: momentum 0.1 (flax counts the other way) and eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -82,6 +114,8 @@ class SownConv(nn.Module):
       batch-sharded `NamedSharding`, the batch mean and variance are reductions over the GLOBAL
       batch array, which XLA computes across devices.
     dtype: compute dtype; the kernel (and BN) parameters are stored in float32.
+    initializer: 'he_normal' | 'pytorch' (`INITIALIZERS`); BN parameters start at γ = 1,
+      β = 0 either way.
   """
   features: int
   kernel_size: int
@@ -89,13 +123,16 @@ class SownConv(nn.Module):
   padding: int = 0
   batch_norm: bool = False
   dtype: Any = jnp.float32
+  initializer: str = 'he_normal'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B, H, W, C_in] → [B, H', W', features] in `dtype`; also sown as SOWN_KEY."""
     k, s, p = self.kernel_size, self.strides, self.padding
-    kernel = self.param('kernel', conv_kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    check_initializer(self.initializer)
+    pytorch = self.initializer == 'pytorch'
+    kernel = self.param('kernel', _pytorch_kernel_init if pytorch else conv_kernel_init,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(s, s),
         padding=((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -103,8 +140,9 @@ class SownConv(nn.Module):
       y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                        dtype=self.dtype, name=BN_NAME)(y)
     else:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
-                         jnp.float32).astype(self.dtype)
+      bias_init = (_pytorch_bias_init(k * k * x.shape[-1]) if pytorch
+                   else nn.initializers.zeros)
+      y = y + self.param('bias', bias_init, (self.features,), jnp.float32).astype(self.dtype)
     self.sow('intermediates', SOWN_KEY, y)
     return y
 
@@ -145,20 +183,23 @@ def adaptive_avg_pool(x: jax.Array, output_size: int) -> jax.Array:
 
 def classifier_head(x: jax.Array, *, hidden: Sequence[int], num_classes: int,
                     dropout_rate: float, dropout_first: bool, train: bool,
-                    dtype: Any) -> jax.Array:
+                    dtype: Any, initializer: str = 'he_normal') -> jax.Array:
   """Flatten → [Dropout → Dense → ReLU] per hidden size → Dense(num_classes), float32 logits.
 
   `dropout_first=True` is torchvision's AlexNet order (dropout before each hidden dense);
   `False` is VGG's (dropout after each hidden ReLU). Dropout needs `rngs={'dropout': key}`
   when `train`. Call it from inside the model's compact method: the Dense layers become
-  children of the model, named fc1, fc2, …, the last one `head`.
+  children of the model, named fc1, fc2, …, the last one `head`. `initializer`: see
+  `INITIALIZERS` ('he_normal' keeps flax's Dense default).
   """
   x = x.reshape((x.shape[0], -1))
   for index, features in enumerate(hidden, start=1):
     if dropout_first:
       x = nn.Dropout(dropout_rate, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(features, dtype=dtype, name=f'fc{index}')(x))
+    x = nn.relu(nn.Dense(features, dtype=dtype, name=f'fc{index}',
+                         **dense_inits(initializer, fan_in=x.shape[-1]))(x))
     if not dropout_first:
       x = nn.Dropout(dropout_rate, deterministic=not train)(x)
-  logits = nn.Dense(num_classes, dtype=dtype, name='head')(x)
+  logits = nn.Dense(num_classes, dtype=dtype, name='head',
+                    **dense_inits(initializer, fan_in=x.shape[-1]))(x)
   return logits.astype(jnp.float32)

@@ -17,10 +17,16 @@ from cgl_jax.models import layers
 
 
 class ShapesCNN(nn.Module):
-  """Two-conv CNN; sows `conv1` [B, H, W, w1] and `conv2` [B, H/2, W/2, w2] (pre-ReLU)."""
+  """Two-conv CNN; sows `conv1` [B, H, W, w1] and `conv2` [B, H/2, W/2, w2] (pre-ReLU).
+
+  `initializer`: 'he_normal' (default) or 'pytorch' (PyTorch's default U(±1/√fan_in) kernels
+  and biases of nn.Conv2d / nn.Linear, as the authors' synthetic models start); see
+  `layers.INITIALIZERS`. (Not `init`: that name is flax's `Module.init`.)
+  """
   num_classes: int
   widths: tuple[int, int] = (128, 256)
   dtype: Any = jnp.float32
+  initializer: str = 'he_normal'
 
   def __post_init__(self):
     if len(self.widths) != 2:
@@ -35,9 +41,12 @@ class ShapesCNN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = x.astype(self.dtype)
     conv1, conv2 = (layers.SownConv(layer.features, kernel_size=3, padding=1, dtype=self.dtype,
-                                    name=layer.name) for layer in self.conv_layers())
+                                    initializer=self.initializer, name=layer.name)
+                    for layer in self.conv_layers())
     x = nn.relu(conv1(x, train=train))
     x = layers.max_pool(x, window=2, stride=2)
     x = nn.relu(conv2(x, train=train))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                    **layers.dense_inits(self.initializer, fan_in=x.shape[-1]))(x).astype(
+                        jnp.float32)

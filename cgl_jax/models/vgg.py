@@ -29,12 +29,15 @@ class VGG16(nn.Module):
     hidden_features: width of the two hidden FC layers (4096 in the paper).
     dropout_rate: dropout after each hidden FC (needs `rngs={'dropout': key}` when training).
     dtype: compute dtype; params stay float32, logits are float32.
+    initializer: 'he_normal' (default) | 'pytorch' (PyTorch's layer default U(±1/√fan_in) for
+      every conv and linear layer); `layers.INITIALIZERS`.
   """
   num_classes: int
   width_multiplier: float = 1.0
   hidden_features: int = 4096
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  initializer: str = 'he_normal'
 
   def _stages(self) -> tuple[tuple[layers.ConvLayer, ...], ...]:
     """Per stage, the ConvLayer of each of its convs (in forward order)."""
@@ -53,9 +56,10 @@ class VGG16(nn.Module):
     for stage in self._stages():
       for conv in stage:
         x = nn.relu(layers.SownConv(conv.features, kernel_size=3, padding=1, dtype=self.dtype,
-                                    name=conv.name)(x, train=train))
+                                    initializer=self.initializer, name=conv.name)(x, train=train))
       x = layers.max_pool(x, window=2, stride=2)
     x = layers.adaptive_avg_pool(x, 7)
     return layers.classifier_head(
         x, hidden=(self.hidden_features,) * 2, num_classes=self.num_classes,
-        dropout_rate=self.dropout_rate, dropout_first=False, train=train, dtype=self.dtype)
+        dropout_rate=self.dropout_rate, dropout_first=False, train=train, dtype=self.dtype,
+        initializer=self.initializer)
