@@ -203,7 +203,7 @@ class MultiRun:
     self.run_axis = run_axis
     self.config = config
     self.specs = tuple(specs)
-    self.model = checkpoints.create_model(config)
+    self.model = models.from_config(config)
     self.conv_layers = self.model.conv_layers()
     self.terms = needed_terms(specs)
     self.batch_size = int(config.batch_size)

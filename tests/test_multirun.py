@@ -100,7 +100,7 @@ def test_terms_and_update_equal_the_trainers(data, specs):
   start_params = jax.device_get(start.params)  # the state is donated below
   orders = trainer.epoch_orders(start, len(data['train']))
   state, terms = trainer.train_step(start, data['train'], orders)
-  model = checkpoints.create_model(config)
+  model = models.from_config(config)
   for index, spec in enumerate(specs):
     single = multirun.run_config(config, spec)
     params = jax.tree.map(lambda x: jnp.asarray(x[index]), start_params)
