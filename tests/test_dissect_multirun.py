@@ -43,10 +43,12 @@ def _assert_same(together, alone):
   assert together.rud == alone.rud
 
 
-def test_runs_dissected_together_equal_single_runs(setup):
+@pytest.mark.parametrize('run_axis', ['unroll', 'map'])
+def test_runs_dissected_together_equal_single_runs(setup, run_axis):
   data, model, runs = setup
   together = dissect_multirun.compute_runs(
-      model, dissect_multirun.stack_variables(runs), data, SETTINGS, show_progress=False)
+      model, dissect_multirun.stack_variables(runs), data, SETTINGS, run_axis=run_axis,
+      show_progress=False)
   assert len(together) == 3
   for result, variables in zip(together, runs):
     _assert_same(result, dissect.compute(model, variables, data, SETTINGS, show_progress=False))
@@ -58,7 +60,7 @@ def test_runs_dissected_together_equal_single_runs(setup):
 def test_vmap_agrees_to_rounding(setup):
   data, model, runs = setup
   mapped = dissect_multirun.compute_runs(model, dissect_multirun.stack_variables(runs[:2]), data,
-                                         SETTINGS, show_progress=False)
+                                         SETTINGS, run_axis='map', show_progress=False)
   vmapped = dissect_multirun.compute_runs(model, dissect_multirun.stack_variables(runs[:2]),
                                           data, SETTINGS, run_axis='vmap', show_progress=False)
   for a, b in zip(mapped, vmapped):

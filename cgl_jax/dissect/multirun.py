@@ -13,10 +13,10 @@ split back into R `DissectionResult`s (`results.assemble`). The probe set is rea
 instead of R times.
 
 Each run's result equals its single-run `dissect.compute` exactly when the stacked forward pass
-gives each run bit-identical activations. With run_axis='map' (`lax.map` over the runs: the same
-convolutions as one run's, one after another) that holds on the CPU; 'vmap' (one batched
-computation, grouped convolutions) may round differently in the last bit, which can move a
-threshold and the counts at it.
+gives each run bit-identical activations. With run_axis 'unroll' (the default: one run's
+convolutions R times in one executable) or 'map' (`lax.map` over the runs) that holds on the
+CPU; 'vmap' (one batched computation, grouped convolutions) may round differently in the last
+bit, which can move a threshold and the counts at it.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from cgl_jax.dissect import results as results_lib
 from cgl_jax.dissect import tally as tally_lib
 from cgl_jax.dissect.settings import DissectionSettings
 
-RUN_AXES = ('vmap', 'map')
+RUN_AXES = ('unroll', 'map', 'vmap')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,14 @@ class StackedRuns:
   Attributes:
     model: the runs' model (a `cgl_jax.models` model).
     num_runs: R.
-    run_axis: 'map' (`lax.map`, bit-identical to one run's forward pass on the CPU) or 'vmap'.
+    run_axis: how the forward pass goes over the runs: 'unroll' (default: R copies of one
+      run's forward pass in one executable), 'map' (`lax.map`, one loop body; on the CPU XLA's
+      convolutions inside a loop are many times slower) or 'vmap' (one batched computation,
+      grouped convolutions).
   """
   model: Any
   num_runs: int
-  run_axis: str = 'map'
+  run_axis: str = 'unroll'
 
   def __post_init__(self):
     if self.run_axis not in RUN_AXES:
@@ -78,8 +81,12 @@ class StackedRuns:
 
     if self.run_axis == 'vmap':
       logits, sown = jax.vmap(one)(variables)
-    else:
+    elif self.run_axis == 'map':
       logits, sown = jax.lax.map(one, variables)
+    else:
+      outputs = [one(jax.tree.map(lambda leaf, r=run: leaf[r], variables))
+                 for run in range(self.num_runs)]
+      logits, sown = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
     # [R, b, h, w, C] → [b, h, w, R·C], run-major.
     joined = {name: jnp.moveaxis(maps, 0, -2).reshape(*maps.shape[1:4], -1)
               for name, maps in sown.items()}
@@ -110,7 +117,7 @@ def split_layer(layer: probe.LayerDissection, run: int,
 
 
 def compute_runs(model, stacked_variables, data: broden_lib.Broden,
-                 settings: DissectionSettings, *, run_axis: str = 'map',
+                 settings: DissectionSettings, *, run_axis: str = 'unroll',
                  show_progress: bool = True) -> list[results_lib.DissectionResult]:
   """Dissects R runs of `model` in one set of passes over `data`.
 
