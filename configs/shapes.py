@@ -38,7 +38,7 @@ from 0.02 ended at 85 %). Measured here
 shared the 2 cores.
 
 λ_bn = 1e-3 (the low end of the authors' range, method.md); λ_g and λ_s are not published:
-the defaults here are starting points for the sweep of experiments/shapes_table1.py (override
+the defaults here are starting points for the sweep of experiments/table1.py (override
 with --config.cgl.lambda_g=… etc.).
 
 Paper (Table 1, binary, unique detectors /15 at conv1, conv2): weight decay 7, 10; R_bn 9, 12;
