@@ -5,9 +5,10 @@ The headline is the seed-paired difference d_s = CGL − weight decay of conv2 u
   mean d̄ with a 95 % Student-t interval d̄ ± t_{0.975, n−1} · sd(d) / √n over the n seeds, and
   the exact two-sided sign-flip permutation p-value: the share of the 2^n sign patterns ε with
   |mean(ε·d)| ≥ |d̄|.
-The claim is called settled only with ≥ 3 seeds and when the regularizers moved the weights:
-conv2's group norms of the CGL and R_bn runs differ from those of the seed-paired weight-decay
-run by ≥ `MOVED` (relative, median over seeds).
+The claim is called settled only with ≥ 3 seeds, networks that learned the task (mean validation
+top-1 ≥ `LEARNED` in every row) and when the regularizers moved the weights: conv2's group norms
+of the CGL and R_bn runs differ from those of the seed-paired weight-decay run by ≥ `MOVED`
+(relative, median over seeds).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ VIEW_TITLES = {('netdissect_lite', 0.04): 'ours (NetDissect-Lite), IoU ≥ 0.04'
                ('authors_synthetic', 0.04): "authors' measurement, IoU ≥ 0.04"}
 MOVED = 0.10  # relative change of conv2 group norms against weight decay that counts as acting
 MIN_SEEDS = 3
+LEARNED = 0.9  # validation top-1 every row must reach on average (the task is learnable to ~100 %)
 # Recorded GPU figures: one ShapesCNN 128/256 CGL train step at batch 32 on an H200
 # (experiments/results/bench_train_h200_pallas.json) and NetDissect passes of one 128/256 model
 # (docs/benchmarks.md, bench_dissect on the H200).
@@ -205,6 +207,11 @@ def conclusion(main: Sequence[dict], *, paired: dict, moved_cgl: float | None,
   reasons = []
   if seeds < MIN_SEEDS:
     reasons.append(f'only {seeds} seed(s) (at least {MIN_SEEDS} needed)')
+  for row in ROWS:
+    top1 = [r['best_val_top1'] for r in main if r['row'] == row]
+    if top1 and statistics.mean(top1) < LEARNED:
+      reasons.append(f'the {ROW_TITLES[row]} runs reach {100 * statistics.mean(top1):.1f} % '
+                     f'validation top-1 on average (under {100 * LEARNED:.0f} %: not trained)')
   for row, value in (('CGL', moved_cgl), ('R_bn', moved_rbn)):
     if value is None or value < MOVED:
       reasons.append(f'the {row} runs\' conv2 group norms differ from the weight-decay runs\' by '

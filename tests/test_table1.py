@@ -25,18 +25,18 @@ def test_paired_difference_t_interval_and_sign_flip_p():
   assert math.isnan(single['low']) and single['p'] == 1.0
 
 
-def _record(row, seed, conv2, change=None):
+def _record(row, seed, conv2, change=None, top1=0.99):
   detectors = [{'iou_threshold': t, 'unique_detectors': conv2,
                 'unique_detectors_per_category': {}} for t in (0.04, 0.08)]
   diagnostics = {} if change is None else {'change_vs_baseline': {'conv2': change}}
-  return {'row': row, 'seed': seed, 'diagnostics': diagnostics,
+  return {'row': row, 'seed': seed, 'diagnostics': diagnostics, 'best_val_top1': top1,
           'dissection': {m: {'layers': {'conv2': detectors}} for m in table1.MEASUREMENTS}}
 
 
-def _conclusion(seeds, change):
+def _conclusion(seeds, change, top1=0.99):
   records = []
   for seed in range(seeds):
-    records += [_record('baseline', seed, 6), _record('rbn', seed, 7, change),
+    records += [_record('baseline', seed, 6, top1=top1), _record('rbn', seed, 7, change),
                 _record('cgl', seed, 9 + seed % 2, change)]
   paired = {(row, view): table1_report.paired_difference(
       table1_report.seed_pairs(records, row, view))
@@ -52,6 +52,7 @@ def test_conclusion_follows_the_numbers_and_refuses_unsettled_cases():
   assert 'CGL has MORE conv2 unique detectors' in settled and 'Not settled' not in settled
   assert 'Not settled' in _conclusion(4, change=0.02)  # the regularizers did not act
   assert 'only 2 seed(s)' in _conclusion(2, change=0.3)
+  assert 'not trained' in _conclusion(4, change=0.3, top1=0.55)
 
 
 def test_the_command_runs_every_stage_and_resumes(tmp_path, capsys):
