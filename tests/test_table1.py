@@ -55,6 +55,7 @@ def test_conclusion_follows_the_numbers_and_refuses_unsettled_cases():
   assert 'not trained' in _conclusion(4, change=0.3, top1=0.55)
 
 
+@pytest.mark.slow  # five stages, each compiling its own train step and dissection
 def test_the_command_runs_every_stage_and_resumes(tmp_path, capsys):
   root, results = tmp_path / 'root', tmp_path / 'RESULTS.md'
   argv = ['--root', str(root), '--results', str(results), '--figures', str(tmp_path / 'fig'),
