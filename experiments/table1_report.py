@@ -409,8 +409,9 @@ def write(args, stages: dict) -> None:
             *group_norms_lines(main, settings['seeds'][0]), '']
   if long:
     lines += [f'## Long runs ({settings["long_epochs"]} epochs, seed {settings["seeds"][0]})', '',
-              *table1(long, VIEWS[0]), '', *table1(long, VIEWS[1]), '', *diagnostics_table(long),
-              '']
+              f'{VIEW_TITLES[VIEWS[0]]}:', '', *table1(long, VIEWS[0]), '',
+              f'{VIEW_TITLES[VIEWS[1]]}:', '', *table1(long, VIEWS[1]), '',
+              'Diagnostics:', '', *diagnostics_table(long), '']
   if c45:
     lines += ['## Faithfulness check: weight decay on the 45-class labels', '',
               'The paper reports that this network recovers every concept (15/15).' + (
