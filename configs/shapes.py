@@ -36,12 +36,13 @@ warm-up and cosine decay over 6 epochs, λ_bn = 5e-3 (the upper end of the autho
 Σ_t lr_t·λ_bn/(1 − momentum): about 2 here, just under the low end of the authors' 90-epoch
 recipe with their λ_bn range. With λ_bn = 1e-3 a run this short leaves the conv2 group norms
 near their initial values; larger budgets shrink most groups to zero at a cost in accuracy.
-λ_g and λ_s are not published (their sweep range is 1e-3 … 1e-1); experiments/shapes_table1.py
+λ_g and λ_s are not published (their sweep range is 1e-3 … 1e-1); experiments/table1.py
 sweeps them (override with --config.cgl.lambda_g=… etc.).
 experiments/default_run_check.py checks that these regularizers act (group norms, group
 distances, against `baseline`).
 
-`paper` uses λ_bn = 1e-3 (the low end of the authors' range), λ_g = 1e-2, λ_s = 1e-3.
+`paper` uses λ_bn = 1e-3 (the low end of the authors' range), λ_g = 1e-2, λ_s = 1e-3: starting
+points for the sweep of experiments/table1.py.
 
 Paper (Table 1, binary, unique detectors /15 at conv1, conv2): weight decay 7, 10; R_bn 9, 12;
 R_bn + L_g + L_s 11, 14.

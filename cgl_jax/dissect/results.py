@@ -93,33 +93,55 @@ def compute(model, variables, data: broden_lib.Broden, settings: DissectionSetti
       `num_groups` larger than a layer's number of units.
   """
   start = time.perf_counter()
-  conv = {layer.name: layer for layer in model.conv_layers()}
-  order = list(conv)
-  layers = sorted(dict.fromkeys(settings.layers),
-                  key=lambda name: order.index(name) if name in order else len(order))
+  layers = forward_order(model, settings.layers)
   probed = probe.dissect_layers(model, variables, data,
                                 dataclasses.replace(settings, layers=tuple(layers)),
                                 show_progress=show_progress)
   forward = probe.make_forward(model, layers=layers, mean=settings.mean, std=settings.std)
+  top_maps = {}
+  for name in layers:
+    _, _, top_maps[name] = probe.top_image_maps(
+        forward, variables, data, layer=name, top_indices=probed[name].top_indices,
+        image_size=settings.image_size, batch_size=settings.batch_size)
+  return assemble(model, variables['params'], data, settings, probed, top_maps,
+                  seconds=time.perf_counter() - start)
+
+
+def forward_order(model, names) -> list[str]:
+  """`names` without repeats, in the model's forward order (unknown names last)."""
+  order = [layer.name for layer in model.conv_layers()]
+  return sorted(dict.fromkeys(names),
+                key=lambda name: order.index(name) if name in order else len(order))
+
+
+def assemble(model, params, data: broden_lib.Broden, settings: DissectionSettings,
+             probed: dict[str, probe.LayerDissection], top_maps: dict[str, np.ndarray], *,
+             seconds: float) -> DissectionResult:
+  """The `DissectionResult` of what the probe measured (`probe.dissect_layers`) for one model.
+
+  Args:
+    model: the model (its `conv_layers()` give the kernels of the concept groups).
+    params: its `variables['params']`.
+    data, settings: the probe set and settings of the dissection.
+    probed: {layer: LayerDissection} in forward order.
+    top_maps: {layer: float32 [C, k, h, w]} each unit's map on its top images.
+    seconds: the wall time to record.
+  """
+  conv = {layer.name: layer for layer in model.conv_layers()}
   categories = tuple(data.categories)
   label_names = tuple(data.label_names())
   primary = data.primary_category_index(categories)
-
   results = {}
-  for name in layers:
-    layer = probed[name]
+  for name, layer in probed.items():
     concepts = tally_lib.unit_concepts(tally_lib.iou(layer.counts, primary), primary,
                                        len(categories))
     groups = []
     if settings.num_groups:
-      kernel = tree_util.lookup(variables['params'], conv[name].kernel_path, what='params')
+      kernel = tree_util.lookup(params, conv[name].kernel_path, what='params')
       relevance = np.asarray(losses.group_relevance(jnp.asarray(kernel), settings.num_groups))
       groups = tally_lib.concept_group_rows(
           concepts, layer=name, num_groups=settings.num_groups, relevance=relevance,
           threshold=settings.iou_thresholds[0], categories=categories, label_names=label_names)
-    _, _, top_maps = probe.top_image_maps(
-        forward, variables, data, layer=name, top_indices=layer.top_indices,
-        image_size=settings.image_size, batch_size=settings.batch_size)
     results[name] = LayerResult(
         name=name, thresholds=layer.thresholds,
         max_threshold_error=float(np.max(layer.threshold_error_bound)),
@@ -127,13 +149,12 @@ def compute(model, variables, data: broden_lib.Broden, settings: DissectionSetti
         detectors=[tally_lib.detector_summary(concepts, threshold=t, categories=categories,
                                               label_names=label_names)
                    for t in settings.iou_thresholds],
-        groups=groups, top_images=layer.top_indices, top_maps=top_maps)
+        groups=groups, top_images=layer.top_indices, top_maps=top_maps[name])
   rud = [ratio_of_unique_detectors(list(results.values()), threshold_index=i)
          for i in range(len(settings.iou_thresholds))]
   return DissectionResult(
       settings=settings, probe_set=data.directory, num_images=len(data), categories=categories,
-      label_names=label_names, layers=results, rud=rud,
-      seconds=time.perf_counter() - start)
+      label_names=label_names, layers=results, rud=rud, seconds=seconds)
 
 
 def ratio_of_unique_detectors(layers: Sequence[LayerResult], *, threshold_index: int) -> dict:
