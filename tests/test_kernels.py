@@ -79,7 +79,8 @@ def test_group_coherence_gradient_matches_finite_differences(name, reduction):
 
 @pytest.mark.parametrize('reduction', losses.REDUCTIONS)
 def test_gradient_equals_autodiff_of_the_formula_with_ties(pair_sums, reduction):
-  """The hand-written backward passes = autodiff of D on gathered maps.
+  """Every implementation's gradient (incl. 'jnp', `losses.group_coherence`'s default) =
+  autodiff of D on gathered maps.
 
   With repeated pairs, both orders of a pair, and two tied filters (|p − q| has
   derivative sign(0) = 0 there, as for jnp.abs), where finite differences do not apply.

@@ -213,36 +213,6 @@ def test_pair_sums_and_per_map_replace_the_inner_pieces(maybe_jit):
   np.testing.assert_allclose(got, 2 * losses.spatial_concentration(psi, eps=0.01), rtol=1e-6)
 
 
-@pytest.mark.parametrize('reduction', losses.REDUCTIONS)
-def test_sampled_coherence_gradient_equals_autodiff_of_the_formula(reduction):
-  """The gradient of 'sampled' = autodiff of D on gathered maps.
-
-  With repeated pairs, both orders of a pair, and two tied filters (|p − q| has
-  derivative sign(0) = 0 there, as for jnp.abs), where finite differences do not apply.
-  """
-  psi = np.array(uniform(11, (2, 3, 4, 8), 0.05, 0.95))  # G = 2, f = 4
-  psi[..., 1] = psi[..., 0]  # filters 0 and 1 of group 0 tie everywhere
-  pairs = np.array([(0, 1), (1, 0), (2, 3), (2, 3), (3, 0), (1, 2)], np.int32)
-
-  def gathered_formula(x):
-    grouped = x.reshape(2, 12, 2, 4)  # [B, HW, G, f]
-    distance = losses.soft_jaccard_distance(
-        grouped[..., pairs[:, 0]], grouped[..., pairs[:, 1]],
-        axis=1 if reduction == 'per_sample' else (0, 1))  # [B, G, r] or [G, r]
-    return distance.mean(-1) if reduction == 'pooled' else distance.mean((0, 2))
-
-  def sampled(x):
-    return losses.group_coherence(x, 2, pairs='sampled', pair_indices=pairs,
-                                  reduction=reduction)
-
-  readout = jnp.array([0.7, -1.3])
-  want_value, want_grad = jax.value_and_grad(lambda x: gathered_formula(x) @ readout)(psi)
-  got_value, got_grad = jax.jit(jax.value_and_grad(lambda x: sampled(x) @ readout))(psi)
-  np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
-  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
-  assert np.any(got_grad[..., :2] != 0)  # the tied pair's other terms still flow
-
-
 def test_other_gradients_match_finite_differences():
   rng = np.random.default_rng(5)
   preact = rng.normal(size=(2, 3, 3, 3))

@@ -62,7 +62,8 @@ def test_the_command_runs_every_stage_and_resumes(tmp_path, capsys):
           '--widths', '5', '10', '--image-size', '16', '--images-per-class', '5',
           '--batch-size', '16', '--epochs', '1', '--long-epochs', '1', '--seeds', '0', '1',
           '--classes45-seeds', '0', '--lambda-bn', '1e-2', '--lambda-g', '1e-2',
-          '--lambda-s', '1e-2', '--authors-run', '0', '--diagnostic-images', '32']
+          '--lambda-s', '1e-2', '--authors-run', '0', '--diagnostic-images', '32',
+          '--run-axis', 'vmap']  # one compiled copy of the step per stage
   table1.main(argv)
   for stage in table1.STAGES[:-1]:
     assert (root / f'{stage}.json').exists()

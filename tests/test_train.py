@@ -377,17 +377,19 @@ def test_top5_accuracy_counts_labels_among_the_five_largest_logits():
   assert 'top5' not in train.create_metrics_collection(('ce',), num_classes=4).__annotations__
 
 
+@flax.struct.dataclass
+class State:
+  """The fields of a train state that `checkpoints.save`/`restore` need, and no trainer."""
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  cgl: dict
+  opt_state: tuple
+  note: str = flax.struct.field(pytree_node=False, default='kept')
+
+
 def test_checkpoints_save_and_restore_any_state_with_the_train_fields(tmp_path):
   """checkpoints.save/restore only need the fields (and `replace`) of a train state."""
-  @flax.struct.dataclass
-  class State:
-    step: jax.Array
-    params: dict
-    batch_stats: dict
-    cgl: dict
-    opt_state: tuple
-    note: str = flax.struct.field(pytree_node=False, default='kept')
-
   saved = State(step=jnp.asarray(5, jnp.int32), params={'w': jnp.arange(3.0)},
                 batch_stats={'mean': jnp.ones(2)}, cgl={'p1': jnp.asarray(2.0)},
                 opt_state=(jnp.full(3, 0.5),))
@@ -405,14 +407,6 @@ def test_checkpoints_save_and_restore_any_state_with_the_train_fields(tmp_path):
 def test_best_checkpoint_is_the_first_step_at_the_maximum(tmp_path):
   """Ties at the best top-1 keep and return the EARLIER step (the authors' `if acc > best`),
   also when later steps push it out of the newest ones."""
-  @flax.struct.dataclass
-  class State:
-    step: jax.Array
-    params: dict
-    batch_stats: dict
-    cgl: dict
-    opt_state: tuple
-
   state = State(step=jnp.asarray(0, jnp.int32), params={'w': jnp.zeros(2)}, batch_stats={},
                 cgl={}, opt_state=())
   with checkpoints.create_manager(tmp_path, keep=2, asynchronous=False) as manager:
