@@ -135,22 +135,14 @@ def compute_runs(model, stacked_variables, data: broden_lib.Broden,
   start = time.perf_counter()
   num_runs = num_runs_of(stacked_variables)
   stacked = StackedRuns(model, num_runs, run_axis)
-  layers = results_lib.forward_order(model, settings.layers)
-  layer_settings = dataclasses.replace(settings, layers=tuple(layers))
-  probed = probe.dissect_layers(stacked, stacked_variables, data, layer_settings,
-                                show_progress=show_progress)
-  forward = probe.make_forward(stacked, layers=layers, mean=settings.mean, std=settings.std)
-  top_maps = {}
-  for name in layers:
-    _, _, top_maps[name] = probe.top_image_maps(
-        forward, stacked_variables, data, layer=name, top_indices=probed[name].top_indices,
-        image_size=settings.image_size, batch_size=settings.batch_size)
+  probed, top_maps = results_lib.probe_layers(stacked, stacked_variables, data, settings,
+                                              show_progress=show_progress)
   seconds = (time.perf_counter() - start) / num_runs
   results = []
   for run in range(num_runs):
     params = jax.tree.map(lambda leaf: np.asarray(leaf[run]), stacked_variables['params'])
-    run_probed = {name: split_layer(probed[name], run, num_runs) for name in layers}
-    run_maps = {name: np.split(top_maps[name], num_runs)[run] for name in layers}
+    run_probed = {name: split_layer(probed[name], run, num_runs) for name in probed}
+    run_maps = {name: np.split(top_maps[name], num_runs)[run] for name in top_maps}
     results.append(results_lib.assemble(model, params, data, settings, run_probed, run_maps,
                                         seconds=seconds))
   return results

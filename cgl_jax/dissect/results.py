@@ -93,16 +93,7 @@ def compute(model, variables, data: broden_lib.Broden, settings: DissectionSetti
       `num_groups` larger than a layer's number of units.
   """
   start = time.perf_counter()
-  layers = forward_order(model, settings.layers)
-  probed = probe.dissect_layers(model, variables, data,
-                                dataclasses.replace(settings, layers=tuple(layers)),
-                                show_progress=show_progress)
-  forward = probe.make_forward(model, layers=layers, mean=settings.mean, std=settings.std)
-  top_maps = {}
-  for name in layers:
-    _, _, top_maps[name] = probe.top_image_maps(
-        forward, variables, data, layer=name, top_indices=probed[name].top_indices,
-        image_size=settings.image_size, batch_size=settings.batch_size)
+  probed, top_maps = probe_layers(model, variables, data, settings, show_progress=show_progress)
   return assemble(model, variables['params'], data, settings, probed, top_maps,
                   seconds=time.perf_counter() - start)
 
@@ -155,6 +146,27 @@ def assemble(model, params, data: broden_lib.Broden, settings: DissectionSetting
   return DissectionResult(
       settings=settings, probe_set=data.directory, num_images=len(data), categories=categories,
       label_names=label_names, layers=results, rud=rud, seconds=seconds)
+
+
+def probe_layers(model, variables, data: broden_lib.Broden, settings: DissectionSettings, *,
+                 show_progress: bool = True) -> tuple[dict, dict]:
+  """The probe passes of `settings.layers` (in forward order) and their top images' maps.
+
+  Returns:
+    ``(probed, top_maps)``: per layer name, `probe.dissect_layers`' result and the
+    activation maps of its top images (`probe.top_image_maps`).
+  """
+  layers = forward_order(model, settings.layers)
+  probed = probe.dissect_layers(model, variables, data,
+                                dataclasses.replace(settings, layers=tuple(layers)),
+                                show_progress=show_progress)
+  forward = probe.make_forward(model, layers=layers, mean=settings.mean, std=settings.std)
+  top_maps = {}
+  for name in layers:
+    _, _, top_maps[name] = probe.top_image_maps(
+        forward, variables, data, layer=name, top_indices=probed[name].top_indices,
+        image_size=settings.image_size, batch_size=settings.batch_size)
+  return probed, top_maps
 
 
 def ratio_of_unique_detectors(layers: Sequence[LayerResult], *, threshold_index: int) -> dict:
