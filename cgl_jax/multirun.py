@@ -55,6 +55,7 @@ from cgl_jax.data import device_data
 AUGMENT_SALT = 0xA06  # keeps the augmentation's key apart from the other keys of a seed
 HPARAMS = ('lambda_bn', 'lambda_g', 'lambda_s', 'lambda_o', 'weight_decay')
 RUN_AXES = ('vmap', 'unroll')
+EPOCH_LOOPS = ('scan', 'host')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +175,28 @@ class MultiRun:
       the step (R ordinary convolutions; compiling takes about R times longer); 'auto'
       (default) is 'unroll' on the CPU, whose XLA backend has no fast grouped convolution,
       else 'vmap'. Results agree to float rounding; `experiments/bench_multirun.py` times both.
+    epoch_loop: how `train_epoch` goes over an epoch's steps: 'scan' compiles the whole epoch
+      into one `lax.scan` (no host round trip per step); 'host' calls the jitted `train_step`
+      once per step from Python (XLA:CPU runs convolutions inside a loop body without its
+      fast library kernels, an order of magnitude slower); 'auto' (default) is 'host' on the
+      CPU, else 'scan'. Either way an epoch is the same sequence of the same compiled
+      computations on every call, so a resumed run repeats an uninterrupted one exactly.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, specs: Sequence[RunSpec], *,
-               num_train_examples: int, run_axis: str = 'auto'):
+               num_train_examples: int, run_axis: str = 'auto', epoch_loop: str = 'auto'):
     _check_config(config, specs)
     if run_axis not in ('auto', *RUN_AXES):
       raise ValueError(f"run_axis must be one of {('auto', *RUN_AXES)}; got {run_axis!r}")
+    if epoch_loop not in ('auto', *EPOCH_LOOPS):
+      raise ValueError(f"epoch_loop must be one of {('auto', *EPOCH_LOOPS)}; got {epoch_loop!r}")
+    on_cpu = jax.default_backend() == 'cpu'
     if run_axis == 'auto':
-      run_axis = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+      run_axis = 'unroll' if on_cpu else 'vmap'
+    if epoch_loop == 'auto':
+      epoch_loop = 'host' if on_cpu else 'scan'
     self.run_axis = run_axis
+    self.epoch_loop = epoch_loop
     self.config = config
     self.specs = tuple(specs)
     self.model = models.from_config(config)
@@ -210,7 +223,10 @@ class MultiRun:
     self.init_run = jax.jit(self._init_run)
     self.init = jax.jit(self._init_state)
     self.train_step = jax.jit(self._train_step, donate_argnums=0)
-    self.train_epoch = jax.jit(self._train_epoch, donate_argnums=0)
+    self._epoch_orders = jax.jit(self.epoch_orders, static_argnums=1)
+    self._epoch_means = jax.jit(lambda terms: jax.tree.map(
+        lambda *steps: jnp.mean(jnp.stack(steps), axis=0), *terms))
+    self._scanned_epoch = jax.jit(self._train_epoch, donate_argnums=0)
     self.evaluate = jax.jit(self._evaluate, static_argnames='eval_batch_size')
     self.end_epoch = jax.jit(self._end_epoch, donate_argnums=0)
 
@@ -324,8 +340,21 @@ class MultiRun:
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), terms
 
+  def train_epoch(self, state: MultiRunState, split: device_data.DeviceSplit):
+    """`steps_per_epoch` steps from an epoch start: (state, epoch means {name: float32 [R]}).
+
+    `state` is donated (its buffers are reused).
+    """
+    if self.epoch_loop == 'scan':
+      return self._scanned_epoch(state, split)
+    orders = self._epoch_orders(state, len(split))
+    terms = []
+    for _ in range(self.steps_per_epoch):
+      state, step_terms = self.train_step(state, split, orders)
+      terms.append(step_terms)
+    return state, self._epoch_means(terms)
+
   def _train_epoch(self, state: MultiRunState, split: device_data.DeviceSplit):
-    """`steps_per_epoch` steps from an epoch start: (state, epoch means {name: float32 [R]})."""
     orders = self.epoch_orders(state, len(split))
 
     def body(carry, _):

@@ -15,7 +15,7 @@ runs on any backend jax picks.
 
 Sizes:
   tiny   ShapesCNN 4/10 on 16-px images, 2 groups (the test network)
-  small  ShapesCNN 32/64 on 32-px images, pad-crop (configs/shapes.py `small`)
+  small  ShapesCNN 16/32 on 32-px images, pad-crop (configs/shapes.py `small`)
   paper  ShapesCNN 128/256 on 64-px images, random-resized crop (the authors' recipe)
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from results_io import write_json_atomic  # pylint: disable=g-import-not-at-top
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # name → (widths, image size, augmentation, CGL groups)
     'tiny': ((4, 10), 16, 'random_resized_crop', 2),
-    'small': ((32, 64), 32, 'pad_crop', 5),
+    'small': ((16, 32), 32, 'pad_crop', 5),
     'paper': ((128, 256), 64, 'random_resized_crop', 5),
 }
 ROW_CYCLE = (('baseline', dict(weight_decay=1e-4)), ('rbn', dict(lambda_bn=1e-3)),

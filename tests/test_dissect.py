@@ -5,6 +5,7 @@ unit 2 = blue), conv2 a 2×2 stride-2 average ×0.5 + 3 (a different resolution 
 thresholds). The probe images put R = 255 exactly on the 'red' concept and uniform noise in G.
 """
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -270,7 +271,47 @@ def test_unknown_layer_is_named(computed):
     dissect_lib.compute(MaskNet(), mask_net_variables(), data, settings, show_progress=False)
 
 
+@pytest.mark.parametrize('cache', ['none', 'device'])
+def test_probe_cache_gives_the_streamed_results(computed, cache, monkeypatch):
+  """The default ('auto': this probe set is tiny, so 'device') equals both explicit choices,
+  and 'device' reads the files once instead of once per pass."""
+  data, result, _ = computed
+  reads = []
+  original = broden.Broden.batches
+  monkeypatch.setattr(broden.Broden, 'batches',
+                      lambda self, **kwargs: reads.append(1) or original(self, **kwargs))
+  settings = dataclasses.replace(SETTINGS, probe_cache=cache)
+  probed = probe.dissect_layers(MaskNet(), mask_net_variables(), data, settings,
+                                show_progress=False)
+  passes = 3  # two exact-quantile passes and the tally
+  assert len(reads) == (1 if cache == 'device' else passes)
+  for name, layer in probed.items():
+    expected = result.layers[name]
+    np.testing.assert_array_equal(layer.thresholds, expected.thresholds)
+    np.testing.assert_array_equal(layer.counts.both, expected.counts.both)
+    np.testing.assert_array_equal(layer.counts.units, expected.counts.units)
+    np.testing.assert_array_equal(layer.top_indices, expected.top_images)
+
+
+def test_probe_cache_auto_follows_the_size_of_the_probe_set(computed, monkeypatch):
+  data, _, _ = computed
+  size = probe.probe_set_bytes(data, batch_size=SETTINGS.batch_size, image_size=SIZE,
+                               categories=data.categories)
+  # 3 batches of 3 images: 16·16·3 image bytes + int32 labels (2 pixel layers of the segmentation
+  # size, 1 image-label column, 1 row index) + 1 validity byte each.
+  seg_h, seg_w = data.segmentation_size()
+  assert size == 9 * (SIZE * SIZE * 3 + 4 * (2 * seg_h * seg_w + 1 + 1) + 1)
+  reads = []
+  original = broden.Broden.batches
+  monkeypatch.setattr(broden.Broden, 'batches',
+                      lambda self, **kwargs: reads.append(1) or original(self, **kwargs))
+  monkeypatch.setattr(probe, 'DEVICE_CACHE_BYTES', size - 1)
+  probe.dissect_layers(MaskNet(), mask_net_variables(), data, SETTINGS, show_progress=False)
+  assert len(reads) == 3  # over the budget: streamed
+
+
 @pytest.mark.parametrize('kwargs, message', [
+    (dict(probe_cache='gpu'), r"probe_cache must be one of \('auto', 'none', 'device'\); got 'gpu'"),
     (dict(iou_thresholds=()), 'iou_thresholds must be non-empty'),
     (dict(iou_thresholds=(0.04, 1.5)), r'values in \(0, 1\]; got \(0.04, 1.5\)'),
     (dict(batch_size=0), 'config.dissect.batch_size must be a positive integer, got 0'),

@@ -90,6 +90,31 @@ def test_unrolled_runs_equal_vmap(data, specs):
     multirun.MultiRun(config, runs, num_train_examples=100, run_axis='pmap')
 
 
+def test_epoch_loops_agree(data, specs):
+  """'host' is the jitted step called per step (bit-exact); 'scan' compiles the epoch into one
+  loop and agrees to float rounding."""
+  config = tiny_config(num_epochs=1)
+  runs = [specs[0], specs[3]]
+  epochs = {}
+  for loop in multirun.EPOCH_LOOPS:
+    trainer = multirun.MultiRun(config, runs, num_train_examples=len(data['train']),
+                                epoch_loop=loop)
+    assert trainer.epoch_loop == loop
+    state, means = trainer.train_epoch(trainer.init_state(), data['train'])
+    epochs[loop] = jax.device_get((state.params, means, state.step))
+  stepped, terms = _steps(trainer, trainer.init_state(), data['train'], trainer.steps_per_epoch)
+  assert epochs['host'][2] == epochs['scan'][2] == trainer.steps_per_epoch
+  jax.tree.map(np.testing.assert_array_equal, epochs['host'][0], jax.device_get(stepped.params))
+  np.testing.assert_allclose(epochs['host'][1]['loss'],
+                             np.mean([t['loss'] for t in terms], axis=0), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               epochs['host'][:2], epochs['scan'][:2])
+  auto = multirun.MultiRun(config, runs, num_train_examples=len(data['train']))
+  assert auto.epoch_loop == ('host' if jax.default_backend() == 'cpu' else 'scan')
+  with pytest.raises(ValueError, match="epoch_loop must be one of .*'python'"):
+    multirun.MultiRun(config, runs, num_train_examples=100, epoch_loop='python')
+
+
 def test_terms_and_update_equal_the_trainers(data, specs):
   """Per run: the terms equal regularize.cgl_terms on the same batch and pair key, and the
   update equals the single-run trainer's optimizer (with its weight decay) on the same loss."""

@@ -7,9 +7,11 @@ The probe streams the data set several times, always through the same jitted for
                pass 1 also keeps each unit's top images by maximum activation;
   last pass    upsample, threshold and tally against the concept labels (`tally.py`).
 
-Memory is independent of the number of probe images: per layer a [C, 2^16] histogram, the
-[C, L] / [C, G] counts and [C, top_images] indices. All layers are probed in the same passes, each
-with its own thresholds and counts.
+Streamed, memory is independent of the number of probe images: per layer a [C, 2^16] histogram,
+the [C, L] / [C, G] counts and [C, top_images] indices. With `settings.probe_cache` 'device' (or
+'auto' and a probe set under `DEVICE_CACHE_BYTES`) the images and labels are read and decoded
+once, kept on the device as the batches the passes consume, and every pass runs from there. All
+layers are probed in the same passes, each with its own thresholds and counts.
 """
 from __future__ import annotations
 
@@ -114,6 +116,20 @@ def _cached_forward(model, layers, mean, std) -> Callable:
     return {name: sown[name].astype(jnp.float32) for name in layers}
 
   return forward
+
+
+# 'auto' keeps probe sets up to this size (images + labels, as batches) on the device.
+DEVICE_CACHE_BYTES = 2 << 30
+
+
+def probe_set_bytes(data: broden_lib.Broden, *, batch_size: int, image_size: int,
+                    categories: Sequence[str]) -> int:
+  """Bytes of `data` as padded probe batches: uint8 images, int32 pixel and image labels."""
+  seg_h, seg_w = data.segmentation_size()
+  layers = sum(data.max_layers()[c] for c in categories) or 1
+  image_labels = sum(data.max_image_labels()[c] for c in categories) or 1
+  per_image = image_size * image_size * 3 + 4 * (layers * seg_h * seg_w + image_labels + 1) + 1
+  return -(-len(data) // batch_size) * batch_size * per_image
 
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:
@@ -237,7 +253,7 @@ def dissect_layers(model, variables, data: broden_lib.Broden, settings: Dissecti
                 jnp.full((num_units[name], keep), -1, jnp.int32)) for name in layers}
   num_passes = selectors[layers[0]].num_passes + 1
 
-  def image_batches(description, with_labels):
+  def read_batches(description, with_labels):
     progress = Progress(len(data), description=description) if show_progress else None
     seg_size = data.segmentation_size() if with_labels else None
     for batch in data.batches(batch_size=batch_size, image_size=image_size,
@@ -254,6 +270,21 @@ def dissect_layers(model, variables, data: broden_lib.Broden, settings: Dissecti
         progress.update(size)
     if progress:
       progress.close()
+
+  cache = settings.probe_cache
+  if cache == 'auto':
+    cache = 'device' if probe_set_bytes(data, batch_size=batch_size, image_size=image_size,
+                                        categories=categories) <= DEVICE_CACHE_BYTES else 'none'
+  if cache == 'device':
+    cached = [jax.device_put(batch) for batch in read_batches(
+        f'dissect: loading the probe set onto {jax.devices()[0].platform}', with_labels=True)]
+
+    def image_batches(description, with_labels):
+      del description
+      for images, rows, valid, labels in cached:
+        yield images, rows, valid, labels if with_labels else None
+  else:
+    image_batches = read_batches
 
   bits_per_pass = selectors[layers[0]].bits_per_pass
   for pass_index in range(num_passes - 1):

@@ -9,6 +9,8 @@ import numpy as np
 
 from cgl_jax.dissect import measurement as measurement_lib
 
+PROBE_CACHES = ('auto', 'none', 'device')
+
 
 @dataclasses.dataclass(frozen=True)
 class DissectionSettings:
@@ -28,6 +30,9 @@ class DissectionSettings:
     upsampling: PIL's filter resizing the maps to the segmentation size, 'bilinear' |
       'nearest' | 'bicubic' (`tally.upsample`).
     categories: the concept categories to use (None: all of the probe set's).
+    probe_cache: 'none' streams the probe set from its files in every pass; 'device' reads and
+      decodes it once and keeps it on the device for all passes; 'auto' (default) is 'device'
+      for probe sets up to `probe.DEVICE_CACHE_BYTES` as batches. The results are the same.
     measurement: the preset these settings follow, and `image_format`, `probe_split` how the
       shapes probe set was exported (`measurement.resolve`); recorded in summary.json.
 
@@ -46,6 +51,7 @@ class DissectionSettings:
   num_groups: int | None = None
   upsampling: str = 'bilinear'
   categories: tuple[str, ...] | None = None
+  probe_cache: str = 'auto'
   measurement: str | None = None
   image_format: str | None = None
   probe_split: str | None = None
@@ -61,6 +67,9 @@ class DissectionSettings:
     if self.upsampling not in measurement_lib.CHOICES['upsampling']:
       raise ValueError(f'config.dissect.upsampling must be one of '
                        f'{measurement_lib.CHOICES["upsampling"]}; got {self.upsampling!r}')
+    if self.probe_cache not in PROBE_CACHES:
+      raise ValueError(f'config.dissect.probe_cache must be one of {PROBE_CACHES}; got '
+                       f'{self.probe_cache!r}')
     if not self.layers:
       raise ValueError('config.dissect.layers is empty: name the conv layers to dissect')
     if not self.iou_thresholds or any(not 0 < t <= 1 for t in self.iou_thresholds):
@@ -85,6 +94,7 @@ class DissectionSettings:
                image_size=dissect.image_size or config.dataset.image_size,
                top_images=dissect.top_images, num_groups=config.cgl.num_groups,
                upsampling=chosen['upsampling'], categories=chosen['categories'],
+               probe_cache=dissect.get('probe_cache', 'auto'),
                measurement=chosen['preset'], image_format=chosen['image_format'],
                probe_split=chosen['probe_split'])
 
