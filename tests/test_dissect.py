@@ -263,6 +263,24 @@ def test_failed_report_leaves_the_previous_step_folder(computed, tmp_path, monke
   assert json.load(open(os.path.join(target, 'summary.json')))['step'] == 1
 
 
+def test_image_strips_use_the_settings_upsampling():
+  """A 2×2 map on an 8×8 image (outside dimmed to black): 'nearest' keeps exactly the 4×4 block
+  of the one hot cell, 'bilinear' spreads it (PIL's filters, as the tally's)."""
+  image = np.full((8, 8, 3), 200, np.uint8)
+  feature_map = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)
+  kept = {method: np.any(report.highlight(image, feature_map, 0.3, upsampling=method,
+                                          dim=0.0) != 0, axis=-1)
+          for method in ('nearest', 'bilinear')}
+  expected = np.zeros((8, 8), bool)
+  expected[:4, :4] = True
+  np.testing.assert_array_equal(kept['nearest'], expected)
+  resized = np.asarray(Image.fromarray(feature_map, mode='F').resize((8, 8), Image.BILINEAR))
+  np.testing.assert_array_equal(kept['bilinear'], resized > 0.3)
+  assert kept['bilinear'].sum() != expected.sum()
+  with pytest.raises(ValueError, match="upsampling must be one of .*; got 'lanczos'"):
+    report.highlight(image, feature_map, 0.3, upsampling='lanczos')
+
+
 def test_unknown_layer_is_named(computed):
   data, _, _ = computed
   settings = dissect_lib.DissectionSettings(layers=('conv9',), mean=(0, 0, 0), std=(1, 1, 1),

@@ -134,7 +134,7 @@ def _write_layer(staging: str, layer: results_lib.LayerResult,
       categories=categories, label_names=label_names,
       title=f'{name}, step {step}: detectors per concept (IoU ≥ {threshold:g})')
   strips = _write_unit_strips(os.path.join(staging, name, 'units'), layer, data,
-                              image_size=settings.image_size)
+                              image_size=settings.image_size, upsampling=settings.upsampling)
   return {'summary': summary, 'tally': rows, 'groups': layer.groups,
           'files': {'tally': f'{name}/tally.csv', 'summary': f'{name}/summary.json',
                     'bar_graph': f'{name}/detectors.png',
@@ -143,9 +143,9 @@ def _write_layer(staging: str, layer: results_lib.LayerResult,
 
 
 def _write_unit_strips(directory: str, layer: results_lib.LayerResult, data: broden_lib.Broden,
-                       *, image_size: int) -> dict[int, str]:
+                       *, image_size: int, upsampling: str) -> dict[int, str]:
   """unit_NNNN.png per unit (1-based) with top images: each image with the region where the
-  unit's map exceeds T_k highlighted. Returns {unit: file name}."""
+  unit's map, upsampled with `upsampling`, exceeds T_k highlighted. Returns {unit: file name}."""
   rows = np.unique(layer.top_images[layer.top_images >= 0])
   images = {int(row): data.load_image(int(row), (image_size, image_size)) for row in rows}
   files = {}
@@ -154,7 +154,8 @@ def _write_unit_strips(directory: str, layer: results_lib.LayerResult, data: bro
     if not chosen:
       continue
     strip = unit_strip([images[int(layer.top_images[unit, j])] for j in chosen],
-                       [layer.top_maps[unit, j] for j in chosen], float(layer.thresholds[unit]))
+                       [layer.top_maps[unit, j] for j in chosen], float(layer.thresholds[unit]),
+                       upsampling=upsampling)
     files[unit + 1] = f'unit_{unit + 1:04d}.png'
     save_png(os.path.join(directory, files[unit + 1]), strip)
   return files
@@ -303,13 +304,22 @@ def concept_group_bubbles(stem: str, rows: Sequence[Mapping], *, categories: Seq
 # Unit image strips (the paper's Fig. 5).
 
 
+_PIL_FILTERS = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST, 'bicubic': Image.BICUBIC}
+
+
 def highlight(image: np.ndarray, feature_map: np.ndarray, threshold: float, *,
-              dim: float = 0.25) -> np.ndarray:
-  """uint8 image with the region where the bilinearly upsampled map exceeds `threshold` kept,
-  the rest dimmed to `dim` and the region's border drawn in yellow."""
+              upsampling: str = 'bilinear', dim: float = 0.25) -> np.ndarray:
+  """uint8 image with the region where the upsampled map exceeds `threshold` kept, the rest
+  dimmed to `dim` and the region's border drawn in yellow.
+
+  `upsampling` is the PIL filter ('bilinear' | 'nearest' | 'bicubic') that resizes the map to
+  the image, as the dissection's tally resized it (`DissectionSettings.upsampling`).
+  """
+  if upsampling not in _PIL_FILTERS:
+    raise ValueError(f'upsampling must be one of {tuple(_PIL_FILTERS)}; got {upsampling!r}')
   height, width = image.shape[:2]
   upsampled = np.asarray(Image.fromarray(np.asarray(feature_map, np.float32), mode='F').resize(
-      (width, height), Image.BILINEAR))
+      (width, height), _PIL_FILTERS[upsampling]))
   mask = upsampled > threshold
   out = image.astype(np.float32) * np.where(mask, 1.0, dim)[..., None]
   inner = mask.copy()
@@ -322,9 +332,10 @@ def highlight(image: np.ndarray, feature_map: np.ndarray, threshold: float, *,
 
 
 def unit_strip(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: float, *,
-               gap: int = 2) -> np.ndarray:
+               upsampling: str = 'bilinear', gap: int = 2) -> np.ndarray:
   """The unit's top images side by side, each highlighted (uint8 [S, k·S + (k−1)·gap, 3])."""
-  tiles = [highlight(image, feature_map, threshold) for image, feature_map in zip(images, maps)]
+  tiles = [highlight(image, feature_map, threshold, upsampling=upsampling)
+           for image, feature_map in zip(images, maps)]
   height, width = tiles[0].shape[:2]
   strip = np.full((height, len(tiles) * (width + gap) - gap, 3), 255, np.uint8)
   for i, tile in enumerate(tiles):
