@@ -175,7 +175,7 @@ class MultiRun:
       the step (R ordinary convolutions; compiling takes about R times longer); 'auto'
       (default) is 'unroll' on the CPU, whose XLA backend has no fast grouped convolution,
       else 'vmap'. Results agree to float rounding; `experiments/bench_multirun.py` times both.
-    epoch_loop: how `train_epoch` goes over an epoch's steps: 'scan' compiles the whole epoch
+    epoch_loop: how `train_epoch` goes over an epoch's steps (and `evaluate` over batches): 'scan' compiles the whole epoch
       into one `lax.scan` (no host round trip per step); 'host' calls the jitted `train_step`
       once per step from Python (XLA:CPU runs convolutions inside a loop body without its
       fast library kernels, an order of magnitude slower); 'auto' (default) is 'host' on the
@@ -227,7 +227,10 @@ class MultiRun:
     self._epoch_means = jax.jit(lambda terms: jax.tree.map(
         lambda *steps: jnp.mean(jnp.stack(steps), axis=0), *terms))
     self._scanned_epoch = jax.jit(self._train_epoch, donate_argnums=0)
-    self.evaluate = jax.jit(self._evaluate, static_argnames='eval_batch_size')
+    self._mapped_evaluate = jax.jit(self._evaluate, static_argnames='eval_batch_size')
+    self._batch_correct = jax.jit(self._batch_correct)
+    self._top1 = jax.jit(lambda correct, num: jnp.sum(jnp.stack(correct), axis=0).astype(
+        jnp.float32) / num, static_argnums=1)
     self.end_epoch = jax.jit(self._end_epoch, donate_argnums=0)
 
   @property
@@ -365,9 +368,40 @@ class MultiRun:
 
   # -- evaluate ---------------------------------------------------------------------------------
 
+  def evaluate(self, params, batch_stats, split: device_data.DeviceSplit, *,
+               eval_batch_size: int) -> jax.Array:
+    """float32 [R]: top-1 of every run on `split` (identity transform, batches of eval size).
+
+    The batches go through one `lax.map` ('scan' epoch loop) or one jitted call each ('host').
+    """
+    if self.epoch_loop == 'scan':
+      return self._mapped_evaluate(params, batch_stats, split, eval_batch_size=eval_batch_size)
+    num = len(split)
+    correct = []
+    for start in range(0, num, eval_batch_size):
+      stop = start + eval_batch_size
+      images, labels = split.images[start:stop], split.labels[start:stop]
+      pad = eval_batch_size - len(labels)
+      if pad:
+        images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        labels = jnp.pad(labels, (0, pad), constant_values=-1)
+      correct.append(self._batch_correct(params, batch_stats, images, labels))
+    return self._top1(correct, num)
+
+  def _batch_correct(self, params, batch_stats, images, labels) -> jax.Array:
+    """int [R]: every run's correct predictions on one batch (labels −1 never count)."""
+
+    def run_correct(params, batch_stats, x, y):
+      variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+      logits = self.model.apply(variables, x, train=False)
+      return jnp.sum(jnp.argmax(logits, axis=-1) == y)
+
+    x = device_augment.eval_transform(images, mean=self.mean, std=self.std)
+    return self.over_runs(run_correct, in_axes=(0, 0, None, None))(params, batch_stats, x,
+                                                                    labels)
+
   def _evaluate(self, params, batch_stats, split: device_data.DeviceSplit, *,
                 eval_batch_size: int) -> jax.Array:
-    """float32 [R]: top-1 of every run on `split` (identity transform, batches of eval size)."""
     num = len(split)
     batches = -(-num // eval_batch_size)
     pad = batches * eval_batch_size - num
@@ -375,18 +409,8 @@ class MultiRun:
     labels = jnp.pad(split.labels, (0, pad), constant_values=-1)  # padding never counts
     images = images.reshape(batches, eval_batch_size, *images.shape[1:])
     labels = labels.reshape(batches, eval_batch_size)
-
-    def run_correct(params, batch_stats, x, y):
-      variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
-      logits = self.model.apply(variables, x, train=False)
-      return jnp.sum(jnp.argmax(logits, axis=-1) == y)
-
-    def batch_correct(batch):
-      x = device_augment.eval_transform(batch[0], mean=self.mean, std=self.std)
-      return self.over_runs(run_correct, in_axes=(0, 0, None, None))(params, batch_stats, x,
-                                                                      batch[1])
-
-    correct = jax.lax.map(batch_correct, (images, labels))  # [batches, R]
+    correct = jax.lax.map(lambda batch: self._batch_correct(params, batch_stats, *batch),
+                          (images, labels))  # [batches, R]
     return jnp.sum(correct, axis=0).astype(jnp.float32) / num
 
   def _end_epoch(self, state: MultiRunState, top1: jax.Array,

@@ -101,7 +101,9 @@ def test_epoch_loops_agree(data, specs):
                                 epoch_loop=loop)
     assert trainer.epoch_loop == loop
     state, means = trainer.train_epoch(trainer.init_state(), data['train'])
-    epochs[loop] = jax.device_get((state.params, means, state.step))
+    top1 = trainer.evaluate(state.params, state.batch_stats, data['validation'],
+                            eval_batch_size=32)  # 90 images: a padded last batch
+    epochs[loop] = jax.device_get((state.params, means, state.step, top1))
   stepped, terms = _steps(trainer, trainer.init_state(), data['train'], trainer.steps_per_epoch)
   assert epochs['host'][2] == epochs['scan'][2] == trainer.steps_per_epoch
   jax.tree.map(np.testing.assert_array_equal, epochs['host'][0], jax.device_get(stepped.params))
@@ -109,6 +111,8 @@ def test_epoch_loops_agree(data, specs):
                              np.mean([t['loss'] for t in terms], axis=0), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
                epochs['host'][:2], epochs['scan'][:2])
+  np.testing.assert_array_equal(epochs['host'][3], epochs['scan'][3])
+  assert np.all(epochs['host'][3] * len(data['validation']) % 1 == 0)
   auto = multirun.MultiRun(config, runs, num_train_examples=len(data['train']))
   assert auto.epoch_loop == ('host' if jax.default_backend() == 'cpu' else 'scan')
   with pytest.raises(ValueError, match="epoch_loop must be one of .*'python'"):
