@@ -13,6 +13,10 @@ the R runs cost one), for each way of going over the runs (--run_axes: 'vmap' ba
 'unroll' puts R copies of one run's step into it; see `multirun.MultiRun`). The same command
 runs on any backend jax picks.
 
+With --epoch_loops scan,host it also times whole epochs (`MultiRun.train_epoch`) of the largest
+R under each epoch loop (`multirun.MultiRun`'s `epoch_loop`): one untimed epoch (compile), then
+--repeats timed epochs; it prints the seconds per epoch and the ratio to the first loop named.
+
 Sizes:
   tiny   ShapesCNN 4/10 on 16-px images, 2 groups (the test network)
   small  ShapesCNN 16/32 on 32-px images, pad-crop (configs/shapes.py `small`)
@@ -107,6 +111,35 @@ def bench_size(size: str, args) -> dict:
   return result
 
 
+def time_epoch_loops(size: str, args) -> dict:
+  """Seconds per epoch of the largest R under each of --epoch_loops (default run axis)."""
+  config = bench_config(size, args.batch_size)
+  split = device_data.shapes_splits('binary', image_size=config.dataset.image_size,
+                                    images_per_class=args.images_per_class)['train']
+  specs = bench_specs(args.runs[-1])
+  out = {'size': size, 'runs': len(specs), 'epochs': []}
+  for loop in args.epoch_loops:
+    trainer = multirun.MultiRun(config, specs, num_train_examples=len(split), epoch_loop=loop)
+    state = trainer.init_state()
+    state, means = trainer.train_epoch(state, split)  # compile
+    jax.block_until_ready(means)
+    rounds = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      state, means = trainer.train_epoch(state, split)
+      jax.block_until_ready(means)
+      rounds.append(time.perf_counter() - start)
+    seconds = statistics.median(rounds)
+    out['epochs'].append({'epoch_loop': loop, 'steps': trainer.steps_per_epoch,
+                          'seconds_per_epoch_rounds': rounds, 'seconds_per_epoch': seconds,
+                          'ratio_to_first': seconds / out['epochs'][0]['seconds_per_epoch']
+                          if out['epochs'] else 1.0})
+    print(f'{size:6s} R={len(specs):<3d} epoch loop {loop:5s} {seconds:8.2f} s/epoch '
+          f'({trainer.steps_per_epoch} steps), ×{out["epochs"][-1]["ratio_to_first"]:.2f} of '
+          f'{args.epoch_loops[0]}', flush=True)
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes', default='tiny,paper', help=f'comma-separated, from {list(SIZES)}')
@@ -119,6 +152,8 @@ def main(argv=None) -> int:
   parser.add_argument('--repeats', type=int, default=3, help='rounds (median reported)')
   parser.add_argument('--images_per_class', type=int, default=64,
                       help='train split size (45·0.8·this); the step time does not depend on it')
+  parser.add_argument('--epoch_loops', default='',
+                      help=f'comma-separated, from {multirun.EPOCH_LOOPS}: also time whole epochs')
   parser.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = parser.parse_args(argv)
   sizes = [name.strip() for name in args.sizes.split(',') if name.strip()]
@@ -131,6 +166,9 @@ def main(argv=None) -> int:
   args.run_axes = [name.strip() for name in args.run_axes.split(',') if name.strip()]
   if not args.run_axes or sorted(set(args.run_axes) - set(multirun.RUN_AXES)):
     parser.error(f'--run_axes: choose from {multirun.RUN_AXES}; got {args.run_axes}')
+  args.epoch_loops = [name.strip() for name in args.epoch_loops.split(',') if name.strip()]
+  if sorted(set(args.epoch_loops) - set(multirun.EPOCH_LOOPS)):
+    parser.error(f'--epoch_loops: choose from {multirun.EPOCH_LOOPS}; got {args.epoch_loops}')
   for flag, low in (('steps', 1), ('repeats', 1), ('warmup', 0), ('batch_size', 1)):
     if getattr(args, flag) < low:
       parser.error(f'--{flag} must be >= {low}; got {getattr(args, flag)}')
@@ -147,10 +185,11 @@ def main(argv=None) -> int:
       for entry in result['steps']:
         print(f'{result["size"]:6s} {entry["runs"]:3d} {entry["run_axis"]:5s} '
               f'{entry["images_per_second"]:10.1f} {entry["speedup_vs_separate"]:12.2f}')
+  epochs = [time_epoch_loops(size, args) for size in sizes] if args.epoch_loops else []
   if args.json:
     write_json_atomic(args.json, {'device': f'{device.platform} {device.device_kind}',
                                   'jax': jax.__version__, 'command': ' '.join(sys.argv),
-                                  'results': results})
+                                  'results': results, 'epoch_loops': epochs})
     print(f'wrote {args.json}')
   return 0
 

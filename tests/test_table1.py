@@ -33,10 +33,12 @@ def _record(row, seed, conv2, change=None, top1=0.99):
           'dissection': {m: {'layers': {'conv2': detectors}} for m in table1.MEASUREMENTS}}
 
 
-def _conclusion(seeds, change, top1=0.99):
+def _conclusion(seeds, change, top1=0.99, *, rbn_change=None, rbn_top1=0.99):
   records = []
+  rbn_change = change if rbn_change is None else rbn_change
   for seed in range(seeds):
-    records += [_record('baseline', seed, 6, top1=top1), _record('rbn', seed, 7, change),
+    records += [_record('baseline', seed, 6, top1=top1),
+                _record('rbn', seed, 7, rbn_change, top1=rbn_top1),
                 _record('cgl', seed, 9 + seed % 2, change)]
   paired = {(row, view): table1_report.paired_difference(
       table1_report.seed_pairs(records, row, view))
@@ -53,6 +55,14 @@ def test_conclusion_follows_the_numbers_and_refuses_unsettled_cases():
   assert 'Not settled' in _conclusion(4, change=0.02)  # the regularizers did not act
   assert 'only 2 seed(s)' in _conclusion(2, change=0.3)
   assert 'not trained' in _conclusion(4, change=0.3, top1=0.55)
+  assert 'Not settled' in _conclusion(4, change=0.3, top1=0.55)  # weight decay did not learn
+  # An R_bn row that did not learn or act voids its own comparison, not the CGL headline.
+  rbn_untrained = _conclusion(4, change=0.3, rbn_top1=0.55)
+  assert 'Not settled' not in rbn_untrained and 'CGL has MORE' in rbn_untrained
+  assert '- R_bn alone: the R_bn runs reach 55.0 % validation top-1' in rbn_untrained
+  rbn_idle = _conclusion(4, change=0.3, rbn_change=0.02)
+  assert 'Not settled' not in rbn_idle and "R_bn alone: the R_bn runs' conv2 group norms" in rbn_idle
+  assert 'R_bn alone' not in settled
 
 
 @pytest.mark.slow  # five stages, each compiling its own train step and dissection
