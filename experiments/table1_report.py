@@ -349,6 +349,16 @@ def figures(args, main: Sequence[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def scope(settings: dict) -> list[str]:
+  """A line saying how far the settings are from the paper's network and input, if they are."""
+  if list(settings['widths']) == [128, 256] and settings['image_size'] == 64:
+    return []
+  return [f'- Scale: ShapesCNN {"/".join(map(str, settings["widths"]))} on '
+          f'{settings["image_size"]}-px images for {settings["epochs"]} epochs, not the paper\'s '
+          '128/256 on 64-px images for 30–90 epochs. The statements above hold for this setting; '
+          'the paper-size experiment is `python experiments/table1.py` on one GPU (below).']
+
+
 def gpu_estimate() -> list[str]:
   """Estimated minutes per stage of the full experiment on one H200 (from recorded figures)."""
   steps_per_epoch = 23_040 // 32
@@ -377,13 +387,15 @@ def write(args, stages: dict) -> None:
   lines = [
       '# Results: the synthetic shapes experiment (paper Table 1)', '',
       f'Produced by `{args.command}` ({seconds / 60:.0f} min for the stages run, on this '
-      'machine). Settings: ShapesCNN {widths} on {size}-px images, {ipc} images per item pair, '
-      '{augment}, batch {batch}, SGD lr {lr} momentum 0.9, {epochs} epochs (long runs '
+      'machine). Settings: ShapesCNN {widths} ({init} initialisation) on {size}-px images, {ipc} '
+      'images per item pair, {augment}, batch {batch}, SGD lr {lr} ({schedule} schedule) '
+      'momentum 0.9, {epochs} epochs (long runs '
       '{long_epochs}), reported seeds {seeds}, tuning seed {sweep_seed}; the best-validation '
       'epoch of each run is dissected. Sweep grid: λ_bn {bn} × λ_g {g} × λ_s {s}{orth}.'.format(
           widths='/'.join(map(str, settings['widths'])), size=settings['image_size'],
           ipc=settings['images_per_class'], augment=settings['augment'],
           batch=settings['batch_size'], lr=settings['learning_rate'], epochs=settings['epochs'],
+          init=settings.get('initializer', 'pytorch'), schedule=settings.get('schedule', 'step'),
           long_epochs=settings['long_epochs'], seeds=settings['seeds'],
           sweep_seed=settings['sweep_seed'], bn=settings['lambda_bn'], g=settings['lambda_g'],
           s=settings['lambda_s'],
@@ -393,7 +405,7 @@ def write(args, stages: dict) -> None:
       f'(λ_bn {chosen["lambda_bn"]:g}, λ_g {chosen["lambda_g"]:g}, λ_s {chosen["lambda_s"]:g}, '
       f'λ_o {chosen["lambda_o"]:g}); R_bn uses the same λ_bn; weight decay is 1e-4.', '',
       '## Conclusion', '', *conclusion(main, paired=paired, moved_cgl=moved_cgl,
-                                      moved_rbn=moved_rbn), '',
+                                      moved_rbn=moved_rbn), *scope(settings), '',
       '## Seed-paired differences of conv2 unique detectors (vs weight decay)', '',
       '95 % interval: Student t on the paired differences (mean ± t_{0.975, n−1}·sd/√n); p: exact '
       'two-sided sign-flip permutation test over all 2^n sign patterns.', '',
