@@ -22,6 +22,9 @@ upsampling, every image as JPEG, IoU ≥ 0.08 first). Stages:
   long    one run per row of --long-epochs epochs (the authors' 90), the first of --seeds.
   classes45  the weight-decay row on the 45-class labels × --classes45-seeds, --epochs epochs
           (the paper: it recovers every concept; the faithfulness check of the measurement).
+  ablation  CGL at fixed λ (--ablation-lambdas λ_bn λ_g λ_s) × --seeds, --epochs epochs, compared
+          with the main stage's weight-decay runs of the same seeds: is the answer a property of
+          the λ the sweep chose? Skipped when --ablation-lambdas is not given (or is `none`).
   report  RESULTS.md (--results) and figures (--figures) from the stages' records.
 
 A finished stage (its `<root>/<stage>.json` exists) is skipped; an interrupted one resumes from
@@ -42,10 +45,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_json_atomic  # pylint: disable=g-import-not-at-top
+from table1_report import ABLATION_ROW  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ('baseline', 'rbn', 'cgl')
-STAGES = ('sweep', 'main', 'long', 'classes45', 'report')
+STAGES = ('sweep', 'main', 'long', 'classes45', 'ablation', 'report')
 MEASUREMENTS = ('netdissect_lite', 'authors_synthetic')
 LAYERS = ('conv1', 'conv2')
 BASELINE = dict(weight_decay=1e-4)  # the authors' weight-decay baseline
@@ -55,20 +59,21 @@ DEFAULTS = dict(widths=[128, 256], image_size=64, augment='random_resized_crop',
                 learning_rate=0.01, schedule='step', initializer='pytorch', epochs=30,
                 long_epochs=90, seeds=[0, 1, 2, 3, 4], sweep_seed=100, lambda_bn=[1e-3, 1e-2],
                 lambda_g=[1e-3, 1e-2], lambda_s=[1e-3, 1e-2, 0.1], authors_run=True,
-                images_per_class=640, diagnostic_images=2048, classes45_seeds=[0, 1, 2, 3, 4])
+                images_per_class=640, diagnostic_images=2048, classes45_seeds=[0, 1, 2, 3, 4],
+                ablation_lambdas=None)
 # 2 shared CPU cores: the README's default run (configs/shapes.py `small`: ShapesCNN 16/32 with
 # He-normal initialisation on 32-px images, pad-crop + flip, batch 64, SGD lr 0.04 with warm-up
 # and cosine decay, 6 epochs of the full data), whose regularizers are known to move the
 # weights. λ_bn ∈ {5e-3, 1e-2} puts the R_bn budget Σ_t lr_t·λ_bn/(1 − momentum) at 2.2–4.4,
 # inside the authors' 90-epoch range (≈ 2.4–24); λ_g, λ_s around the default run's. 6 seeds
 # (the fewest with which the sign-flip test can reach p < 0.05), long runs of 12 epochs, three
-# 45-class seeds.
+# 45-class seeds, and the default run's own λ as the ablation.
 CPU_DEFAULTS = dict(widths=[16, 32], image_size=32, augment='pad_crop', batch_size=64,
                     learning_rate=0.04, schedule='warmup_cosine', initializer='he_normal',
                     epochs=6, long_epochs=12, seeds=[0, 1, 2, 3, 4, 5], sweep_seed=100,
                     lambda_bn=[5e-3, 1e-2], lambda_g=[1e-2, 3e-2], lambda_s=[1e-2, 1e-1],
                     authors_run=True, images_per_class=640, diagnostic_images=512,
-                    classes45_seeds=[0, 1, 2])
+                    classes45_seeds=[0, 1, 2], ablation_lambdas=[5e-3, 3e-2, 1e-2])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +324,14 @@ def classes45_stage(args, chosen: dict) -> dict:
                                labels='classes45', epochs=args.epochs)}
 
 
+def ablation_stage(args, chosen: dict) -> dict:
+  del chosen  # fixed λ, not the sweep's
+  bn, g, s = args.ablation_lambdas
+  return {'records': run_stage(args, 'ablation',
+                               {ABLATION_ROW: dict(lambda_bn=bn, lambda_g=g, lambda_s=s)},
+                               args.seeds, labels='binary', epochs=args.epochs)}
+
+
 def run_stages(args) -> None:
   wanted = STAGES if args.stage == 'all' else (args.stage,)
   results = {}
@@ -328,14 +341,14 @@ def run_stages(args) -> None:
       if stage in wanted:
         print(f'== {stage}: done ({stage_path(args, stage)}), skipped ==', flush=True)
       continue
-    if stage not in wanted:
+    if stage not in wanted or (stage == 'ablation' and not args.ablation_lambdas):
       continue
     if stage != 'sweep' and results['sweep'] is None:
       sys.exit(f'stage {stage} needs the sweep: run --stage=sweep first')
     started = time.perf_counter()
     chosen = results['sweep']['chosen_hparams'] if stage != 'sweep' else None
     result = {'sweep': sweep, 'main': main_stage, 'long': long_stage,
-              'classes45': classes45_stage}[stage](
+              'classes45': classes45_stage, 'ablation': ablation_stage}[stage](
         *((args,) if stage == 'sweep' else (args, chosen)))
     result.update(settings=settings_record(args), seconds=time.perf_counter() - started)
     write_json_atomic(stage_path(args, stage), result, indent=1)
@@ -383,6 +396,8 @@ def parse_args(argv=None):
                       help="1: the sweep includes the authors' run with orthogonality")
   parser.add_argument('--images-per-class', type=int,
                       help='shapes images per item pair (640: the full data set)')
+  parser.add_argument('--ablation-lambdas', nargs='+', metavar='λ',
+                      help="λ_bn λ_g λ_s of the ablation stage's CGL row, or 'none' to skip it")
   parser.add_argument('--run-axis', default='auto', choices=('auto', 'vmap', 'unroll'),
                       help="how the runs are stepped together (multirun.MultiRun): 'auto' is "
                            "'unroll' on the CPU and 'vmap' elsewhere")
@@ -394,6 +409,17 @@ def parse_args(argv=None):
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.authors_run = bool(args.authors_run)
+  if args.ablation_lambdas and [str(v).lower() for v in args.ablation_lambdas] == ['none']:
+    args.ablation_lambdas = None
+  if args.ablation_lambdas:
+    try:
+      args.ablation_lambdas = [float(v) for v in args.ablation_lambdas]
+    except ValueError:
+      parser.error(f'--ablation-lambdas takes three numbers (λ_bn λ_g λ_s) or none; got '
+                   f'{args.ablation_lambdas}')
+    if len(args.ablation_lambdas) != 3 or min(args.ablation_lambdas) < 0:
+      parser.error(f'--ablation-lambdas takes three numbers ≥ 0 (λ_bn λ_g λ_s) or none; got '
+                   f'{args.ablation_lambdas}')
   if args.sweep_seed in args.seeds:
     parser.error(f'--sweep-seed {args.sweep_seed} is one of the reported --seeds {args.seeds}: '
                  'tuning on a reported seed would bias the comparison')

@@ -25,7 +25,9 @@ import numpy as np
 from results_io import write_text_atomic  # pylint: disable=g-import-not-at-top
 
 ROWS = ('baseline', 'rbn', 'cgl')
-ROW_TITLES = {'baseline': 'weight decay', 'rbn': 'R_bn', 'cgl': 'R_bn + L_g + L_s'}
+ABLATION_ROW = 'cgl_fixed'  # the ablation stage's CGL row (fixed λ)
+ROW_TITLES = {'baseline': 'weight decay', 'rbn': 'R_bn', 'cgl': 'R_bn + L_g + L_s',
+              ABLATION_ROW: 'R_bn + L_g + L_s, fixed λ'}
 LAYERS = ('conv1', 'conv2')
 CATEGORIES = ('color', 'shape', 'color_shape')
 # Table 1 of the paper (binary; unique detectors colour, shape, colour-shape, total).
@@ -349,6 +351,63 @@ def figures(args, main: Sequence[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def with_change_vs_baseline(records: Sequence[dict], baselines: Sequence[dict]) -> list[dict]:
+  """`records` with diagnostics['change_vs_baseline'] from the weight-decay runs of their seeds
+  in `baselines` (another stage): ‖β − β_wd‖/‖β_wd‖ per layer."""
+  norms = {r['seed']: r['diagnostics']['group_norms'] for r in baselines if r['row'] == 'baseline'}
+  out = []
+  for r in records:
+    r = dict(r, diagnostics=dict(r['diagnostics']))
+    if r['seed'] in norms:
+      r['diagnostics']['change_vs_baseline'] = {
+          layer: float(np.linalg.norm(np.subtract(values, norms[r['seed']][layer]))
+                       / np.linalg.norm(norms[r['seed']][layer]))
+          for layer, values in r['diagnostics']['group_norms'].items()}
+    out.append(r)
+  return out
+
+
+def ablation_lines(main: Sequence[dict], ablation: Sequence[dict]) -> tuple[list[str], list[str]]:
+  """(conclusion lines, section lines) of the fixed-λ CGL row against main's weight decay."""
+  ablation = with_change_vs_baseline(ablation, main)
+  hparams = ablation[0]['hparams']
+  lambdas = (f'λ_bn {hparams["lambda_bn"]:g}, λ_g {hparams["lambda_g"]:g}, '
+             f'λ_s {hparams["lambda_s"]:g}')
+  paired = {view: paired_difference(seed_pairs([*main, *ablation], ABLATION_ROW, view))
+            for view in VIEWS}
+  top1 = statistics.mean(r['best_val_top1'] for r in ablation)
+  acted = moved(ablation, ABLATION_ROW)
+  result = paired[VIEWS[0]]
+  caveats = []
+  if top1 < LEARNED:
+    caveats.append(f'these runs reach {100 * top1:.1f} % validation top-1 on average (not '
+                   'trained)')
+  if acted is None or acted < MOVED:
+    caveats.append('their conv2 group norms stay within '
+                   f'{MOVED:.0%} of weight decay\'s (the regularizers did not act)')
+  conclusion_line = (
+      f'- Ablation, CGL at fixed {lambdas} (not tuned): CGL − weight decay = '
+      f'{result["mean"]:+.2f} conv2 unique detectors (ours), 95 % t-interval '
+      f'[{result["low"]:+.2f}, {result["high"]:+.2f}], sign-flip p = {result["p"]:.3g} over '
+      f'{result["n"]} seeds; authors\' measurement {paired[VIEWS[1]]["mean"]:+.2f} '
+      f'[{paired[VIEWS[1]]["low"]:+.2f}, {paired[VIEWS[1]]["high"]:+.2f}]' +
+      (f' ({"; ".join(caveats)}: this row says nothing)' if caveats else '') + '.')
+  section = [f'## Ablation: CGL at fixed λ ({lambdas})', '',
+             'Is the answer a property of the λ the sweep chose? The same seeds as the main '
+             'stage, paired with its weight-decay runs (same initialisation, same batches).', '',
+             '| measurement | per seed | mean | 95 % t-interval | p |', '|---|---|---|---|---|']
+  for view, value in paired.items():
+    section.append(f'| {VIEW_TITLES[view]} | '
+                   f'{", ".join(f"{d:+.0f}" for d in value["differences"])} | '
+                   f'{value["mean"]:+.2f} | [{value["low"]:+.2f}, {value["high"]:+.2f}] | '
+                   f'{value["p"]:.3g} |')
+  for view in VIEWS[:2]:
+    section += ['', f'{VIEW_TITLES[view]}:', '',
+                *table1(ablation, view, rows=(ABLATION_ROW,), with_paper=False)]
+  section += ['', 'Diagnostics:', '', *diagnostics_table(ablation, rows=(ABLATION_ROW,)), '']
+  return [conclusion_line], section
+
+
 def scope(settings: dict) -> list[str]:
   """A line saying how far the settings are from the paper's network and input, if they are."""
   if list(settings['widths']) == [128, 256] and settings['image_size'] == 64:
@@ -378,6 +437,8 @@ def write(args, stages: dict) -> None:
   sweep, main = stages['sweep'], stages['main']['records']
   long = stages['long']['records'] if stages.get('long') else []
   c45 = stages['classes45']['records'] if stages.get('classes45') else []
+  ablation_conclusion, ablation_section = (
+      ablation_lines(main, stages['ablation']['records']) if stages.get('ablation') else ([], []))
   paired = {(row, view): paired_difference(seed_pairs(main, row, view))
             for row in ('cgl', 'rbn') for view in VIEWS}
   moved_cgl, moved_rbn = moved(main, 'cgl'), moved(main, 'rbn')
@@ -405,7 +466,8 @@ def write(args, stages: dict) -> None:
       f'(λ_bn {chosen["lambda_bn"]:g}, λ_g {chosen["lambda_g"]:g}, λ_s {chosen["lambda_s"]:g}, '
       f'λ_o {chosen["lambda_o"]:g}); R_bn uses the same λ_bn; weight decay is 1e-4.', '',
       '## Conclusion', '', *conclusion(main, paired=paired, moved_cgl=moved_cgl,
-                                      moved_rbn=moved_rbn), *scope(settings), '',
+                                      moved_rbn=moved_rbn), *ablation_conclusion,
+      *scope(settings), '',
       '## Seed-paired differences of conv2 unique detectors (vs weight decay)', '',
       '95 % interval: Student t on the paired differences (mean ± t_{0.975, n−1}·sd/√n); p: exact '
       'two-sided sign-flip permutation test over all 2^n sign patterns.', '',
@@ -443,6 +505,7 @@ def write(args, stages: dict) -> None:
     for view in VIEWS:
       lines += [f'{VIEW_TITLES[view]}:', '',
                 *table1(c45, view, rows=('baseline',), with_paper=False), '']
+  lines += ablation_section
   lines += ['## λ sweep (tuning seed)', '', *sweep_table(sweep), '',
             f'Eligible: validation top-1 within 1 point of the weight-decay run '
             f'({100 * sweep["accuracy_floor"] + 1:.2f} %).', '',

@@ -65,7 +65,25 @@ def test_conclusion_follows_the_numbers_and_refuses_unsettled_cases():
   assert 'R_bn alone' not in settled
 
 
-@pytest.mark.slow  # five stages, each compiling its own train step and dissection
+def test_change_against_another_stages_weight_decay_run():
+  baseline = {'row': 'baseline', 'seed': 3, 'diagnostics': {'group_norms': {'conv2': [3.0, 4.0]}}}
+  record = {'row': 'cgl_fixed', 'seed': 3, 'diagnostics': {'group_norms': {'conv2': [0.0, 0.0]}}}
+  unpaired = dict(record, seed=4)
+  out = table1_report.with_change_vs_baseline([record, unpaired], [baseline])
+  assert out[0]['diagnostics']['change_vs_baseline'] == {'conv2': 1.0}  # ‖0 − (3, 4)‖ / 5
+  assert 'change_vs_baseline' not in out[1]['diagnostics']
+  assert 'change_vs_baseline' not in record['diagnostics']  # the input is left alone
+
+
+@pytest.mark.parametrize('values, message', [
+    (['1e-2', 'x', '0'], 'takes three numbers'), (['1e-2', '0'], 'takes three numbers ≥ 0')])
+def test_bad_ablation_lambdas_are_named(values, message, capsys):
+  with pytest.raises(SystemExit):
+    table1.parse_args(['--ablation-lambdas', *values])
+  assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # six stages, each compiling its own train step and dissection
 def test_the_command_runs_every_stage_and_resumes(tmp_path, capsys):
   root, results = tmp_path / 'root', tmp_path / 'RESULTS.md'
   argv = ['--root', str(root), '--results', str(results), '--figures', str(tmp_path / 'fig'),
@@ -73,6 +91,7 @@ def test_the_command_runs_every_stage_and_resumes(tmp_path, capsys):
           '--batch-size', '16', '--epochs', '1', '--long-epochs', '1', '--seeds', '0', '1',
           '--classes45-seeds', '0', '--lambda-bn', '1e-2', '--lambda-g', '1e-2',
           '--lambda-s', '1e-2', '--authors-run', '0', '--diagnostic-images', '32',
+          '--ablation-lambdas', '1e-2', '0', '1e-2',
           '--run-axis', 'vmap']  # one compiled copy of the step per stage
   table1.main(argv)
   for stage in table1.STAGES[:-1]:
@@ -83,6 +102,10 @@ def test_the_command_runs_every_stage_and_resumes(tmp_path, capsys):
   text = results.read_text()
   assert 'Not settled' in text and 'only 2 seed(s)' in text
   assert '## Seed-paired differences' in text and '## Faithfulness check' in text
+  assert '## Ablation: CGL at fixed λ (λ_bn 0.01, λ_g 0, λ_s 0.01)' in text
+  assert '- Ablation, CGL at fixed λ_bn 0.01, λ_g 0, λ_s 0.01 (not tuned)' in text
+  ablation = json.loads((root / 'ablation.json').read_text())
+  assert sorted(r['name'] for r in ablation['records']) == ['cgl_fixed_seed0', 'cgl_fixed_seed1']
   for name in ('unique_detectors.png', 'unique_detectors_authors.png',
                'conv2_units_wd_vs_cgl.png'):
     assert (tmp_path / 'fig' / name).exists()
