@@ -123,8 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dissect.batch_size = 64
   config.dissect.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset.image_size
   config.dissect.top_images = 10
-  # 'auto': keep the probe set on the device (decoded once for all passes) when it is ≤ 2 GiB
-  # as batches; 'device': always; 'none': read it from its files in every pass.
+  # 'auto': on a GPU/TPU keep the probe set on the device (decoded once for all passes) when it
+  # is ≤ 2 GiB as batches; 'device': always; 'none': read it from its files in every pass.
   config.dissect.probe_cache = 'auto'
   config.dissect.checkpoint = 'latest'  # | 'best': highest validation top-1, earliest of ties
   return config

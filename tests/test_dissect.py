@@ -291,8 +291,8 @@ def test_unknown_layer_is_named(computed):
 
 @pytest.mark.parametrize('cache', ['none', 'device'])
 def test_probe_cache_gives_the_streamed_results(computed, cache, monkeypatch):
-  """The default ('auto': this probe set is tiny, so 'device') equals both explicit choices,
-  and 'device' reads the files once instead of once per pass."""
+  """Both choices give the default's numbers; 'device' reads the files once, not once per
+  pass."""
   data, result, _ = computed
   reads = []
   original = broden.Broden.batches
@@ -311,7 +311,10 @@ def test_probe_cache_gives_the_streamed_results(computed, cache, monkeypatch):
     np.testing.assert_array_equal(layer.top_indices, expected.top_images)
 
 
-def test_probe_cache_auto_follows_the_size_of_the_probe_set(computed, monkeypatch):
+@pytest.mark.parametrize('backend, budget_margin, expected_reads', [
+    ('gpu', 0, 1), ('gpu', -1, 3), ('cpu', 0, 3)])
+def test_probe_cache_auto_follows_platform_and_size(computed, monkeypatch, backend,
+                                                    budget_margin, expected_reads):
   data, _, _ = computed
   size = probe.probe_set_bytes(data, batch_size=SETTINGS.batch_size, image_size=SIZE,
                                categories=data.categories)
@@ -323,9 +326,10 @@ def test_probe_cache_auto_follows_the_size_of_the_probe_set(computed, monkeypatc
   original = broden.Broden.batches
   monkeypatch.setattr(broden.Broden, 'batches',
                       lambda self, **kwargs: reads.append(1) or original(self, **kwargs))
-  monkeypatch.setattr(probe, 'DEVICE_CACHE_BYTES', size - 1)
+  monkeypatch.setattr(probe, 'DEVICE_CACHE_BYTES', size + budget_margin)
+  monkeypatch.setattr(probe.jax, 'default_backend', lambda: backend)
   probe.dissect_layers(MaskNet(), mask_net_variables(), data, SETTINGS, show_progress=False)
-  assert len(reads) == 3  # over the budget: streamed
+  assert len(reads) == expected_reads  # 1: cached on an accelerator within budget; 3: streamed
 
 
 @pytest.mark.parametrize('kwargs, message', [

@@ -9,8 +9,9 @@ The probe streams the data set several times, always through the same jitted for
 
 Streamed, memory is independent of the number of probe images: per layer a [C, 2^16] histogram,
 the [C, L] / [C, G] counts and [C, top_images] indices. With `settings.probe_cache` 'device' (or
-'auto' and a probe set under `DEVICE_CACHE_BYTES`) the images and labels are read and decoded
-once, kept on the device as the batches the passes consume, and every pass runs from there. All
+'auto' on an accelerator and a probe set under `DEVICE_CACHE_BYTES`) the images and labels are
+read and decoded once, kept on the device as the batches the passes consume, and every pass runs
+from there. All
 layers are probed in the same passes, each with its own thresholds and counts.
 """
 from __future__ import annotations
@@ -272,9 +273,10 @@ def dissect_layers(model, variables, data: broden_lib.Broden, settings: Dissecti
       progress.close()
 
   cache = settings.probe_cache
-  if cache == 'auto':
-    cache = 'device' if probe_set_bytes(data, batch_size=batch_size, image_size=image_size,
-                                        categories=categories) <= DEVICE_CACHE_BYTES else 'none'
+  if cache == 'auto':  # on the CPU decoding once does not pay for holding every label map
+    fits = probe_set_bytes(data, batch_size=batch_size, image_size=image_size,
+                           categories=categories) <= DEVICE_CACHE_BYTES
+    cache = 'device' if fits and jax.default_backend() != 'cpu' else 'none'
   if cache == 'device':
     cached = [jax.device_put(batch) for batch in read_batches(
         f'dissect: loading the probe set onto {jax.devices()[0].platform}', with_labels=True)]

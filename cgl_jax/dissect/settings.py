@@ -32,7 +32,8 @@ class DissectionSettings:
     categories: the concept categories to use (None: all of the probe set's).
     probe_cache: 'none' streams the probe set from its files in every pass; 'device' reads and
       decodes it once and keeps it on the device for all passes; 'auto' (default) is 'device'
-      for probe sets up to `probe.DEVICE_CACHE_BYTES` as batches. The results are the same.
+      on a GPU or TPU for probe sets up to `probe.DEVICE_CACHE_BYTES` as batches, else 'none'.
+      The results are the same.
     measurement: the preset these settings follow, and `image_format`, `probe_split` how the
       shapes probe set was exported (`measurement.resolve`); recorded in summary.json.
 
