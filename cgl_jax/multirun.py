@@ -224,13 +224,9 @@ class MultiRun:
     self.init = jax.jit(self._init_state)
     self.train_step = jax.jit(self._train_step, donate_argnums=0)
     self._epoch_orders = jax.jit(self.epoch_orders, static_argnums=1)
-    self._epoch_means = jax.jit(lambda terms: jax.tree.map(
-        lambda *steps: jnp.mean(jnp.stack(steps), axis=0), *terms))
     self._scanned_epoch = jax.jit(self._train_epoch, donate_argnums=0)
     self._mapped_evaluate = jax.jit(self._evaluate, static_argnames='eval_batch_size')
     self._batch_correct = jax.jit(self._batch_correct)
-    self._top1 = jax.jit(lambda correct, num: jnp.sum(jnp.stack(correct), axis=0).astype(
-        jnp.float32) / num, static_argnums=1)
     self.end_epoch = jax.jit(self._end_epoch, donate_argnums=0)
 
   @property
@@ -346,7 +342,8 @@ class MultiRun:
   def train_epoch(self, state: MultiRunState, split: device_data.DeviceSplit):
     """`steps_per_epoch` steps from an epoch start: (state, epoch means {name: float32 [R]}).
 
-    `state` is donated (its buffers are reused).
+    `state` is donated (its buffers are reused). The means are a jax.Array ('scan') or a numpy
+    array ('host').
     """
     if self.epoch_loop == 'scan':
       return self._scanned_epoch(state, split)
@@ -355,7 +352,9 @@ class MultiRun:
     for _ in range(self.steps_per_epoch):
       state, step_terms = self.train_step(state, split, orders)
       terms.append(step_terms)
-    return state, self._epoch_means(terms)
+    # Averaged on the host: a jitted mean over a list of S step results compiles per length.
+    terms = jax.device_get(terms)
+    return state, jax.tree.map(lambda *steps: np.mean(np.stack(steps), axis=0), *terms)
 
   def _train_epoch(self, state: MultiRunState, split: device_data.DeviceSplit):
     orders = self.epoch_orders(state, len(split))
@@ -372,7 +371,8 @@ class MultiRun:
                eval_batch_size: int) -> jax.Array:
     """float32 [R]: top-1 of every run on `split` (identity transform, batches of eval size).
 
-    The batches go through one `lax.map` ('scan' epoch loop) or one jitted call each ('host').
+    The batches go through one `lax.map` ('scan' epoch loop, a jax.Array) or one jitted call
+    each ('host', a numpy array).
     """
     if self.epoch_loop == 'scan':
       return self._mapped_evaluate(params, batch_stats, split, eval_batch_size=eval_batch_size)
@@ -386,7 +386,7 @@ class MultiRun:
         images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
         labels = jnp.pad(labels, (0, pad), constant_values=-1)
       correct.append(self._batch_correct(params, batch_stats, images, labels))
-    return self._top1(correct, num)
+    return np.sum(jax.device_get(correct), axis=0).astype(np.float32) / np.float32(num)
 
   def _batch_correct(self, params, batch_stats, images, labels) -> jax.Array:
     """int [R]: every run's correct predictions on one batch (labels −1 never count)."""

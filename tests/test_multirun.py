@@ -130,7 +130,8 @@ def test_terms_and_update_equal_the_trainers(data, specs):
   orders = trainer.epoch_orders(start, len(data['train']))
   state, terms = trainer.train_step(start, data['train'], orders)
   model = models.from_config(config)
-  for index, spec in enumerate(specs):
+  for index in (0, 3, 4):  # one run of each row: baseline seed 0, cgl seed 1, orth seed 0
+    spec = specs[index]
     single = multirun.run_config(config, spec)
     params = jax.tree.map(lambda x: jnp.asarray(x[index]), start_params)
     # Initialisation equals the trainer's for this seed.
