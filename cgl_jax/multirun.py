@@ -175,12 +175,13 @@ class MultiRun:
       the step (R ordinary convolutions; compiling takes about R times longer); 'auto'
       (default) is 'unroll' on the CPU, whose XLA backend has no fast grouped convolution,
       else 'vmap'. Results agree to float rounding; `experiments/bench_multirun.py` times both.
-    epoch_loop: how `train_epoch` goes over an epoch's steps (and `evaluate` over batches): 'scan' compiles the whole epoch
-      into one `lax.scan` (no host round trip per step); 'host' calls the jitted `train_step`
-      once per step from Python (XLA:CPU runs convolutions inside a loop body without its
-      fast library kernels, an order of magnitude slower); 'auto' (default) is 'host' on the
-      CPU, else 'scan'. Either way an epoch is the same sequence of the same compiled
-      computations on every call, so a resumed run repeats an uninterrupted one exactly.
+    epoch_loop: how `train_epoch` goes over an epoch's steps (and `evaluate` over batches):
+      'scan' compiles the whole epoch into one `lax.scan` (no host round trip per step);
+      'host' calls the jitted `train_step` once per step from Python (XLA:CPU runs
+      convolutions inside a loop body without its fast library kernels, an order of magnitude
+      slower); 'auto' (default) is 'host' on the CPU, else 'scan'. Either way an epoch is the
+      same sequence of the same compiled computations on every call, so a resumed run repeats
+      an uninterrupted one exactly.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, specs: Sequence[RunSpec], *,

@@ -48,3 +48,10 @@ def maybe_jit(request):
 @pytest.fixture
 def python_subprocess():
   return run_python
+
+
+def pytest_collection_modifyitems(config, items):
+  """Long checks (`slow`) run first: under `-n 2` the longest test then never starts last while
+  the other worker sits idle."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -333,7 +333,8 @@ def test_probe_cache_auto_follows_platform_and_size(computed, monkeypatch, backe
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(probe_cache='gpu'), r"probe_cache must be one of \('auto', 'none', 'device'\); got 'gpu'"),
+    (dict(probe_cache='gpu'),
+     r"probe_cache must be one of \('auto', 'none', 'device'\); got 'gpu'"),
     (dict(iou_thresholds=()), 'iou_thresholds must be non-empty'),
     (dict(iou_thresholds=(0.04, 1.5)), r'values in \(0, 1\]; got \(0.04, 1.5\)'),
     (dict(batch_size=0), 'config.dissect.batch_size must be a positive integer, got 0'),
