@@ -185,6 +185,30 @@ def sweep_table(sweep: dict) -> list[str]:
 # Conclusion.
 
 
+def untrained(records: Sequence[dict], row: str) -> str | None:
+  """Why `row` did not learn the task (mean validation top-1 under `LEARNED`), or None."""
+  top1 = [r['best_val_top1'] for r in records if r['row'] == row]
+  if top1 and statistics.mean(top1) < LEARNED:
+    return (f'the {ROW_TITLES[row]} runs reach {100 * statistics.mean(top1):.1f} % validation '
+            f'top-1 on average (under {100 * LEARNED:.0f} %: not trained)')
+  return None
+
+
+def idle(title: str, change: float | None) -> str | None:
+  """Why the regularizers of the `title` runs did not act (`moved` under `MOVED`), or None."""
+  if change is None or change < MOVED:
+    return (f'the {title} runs\' conv2 group norms differ from the weight-decay runs\' by '
+            f'{"—" if change is None else f"{100 * change:.1f} %"} (median over seeds), under '
+            f'the {100 * MOVED:.0f} % that shows the regularizer acted')
+  return None
+
+
+def paired_cells(result: dict) -> str:
+  """'per seed | mean | [low, high] | p' of `paired_difference`'s result."""
+  return (f'{", ".join(f"{d:+.0f}" for d in result["differences"])} | {result["mean"]:+.2f} | '
+          f'[{result["low"]:+.2f}, {result["high"]:+.2f}] | {result["p"]:.3g}')
+
+
 def conclusion(main: Sequence[dict], *, paired: dict, moved_cgl: float | None,
                moved_rbn: float | None) -> list[str]:
   seeds = len({r['seed'] for r in main})
@@ -207,23 +231,10 @@ def conclusion(main: Sequence[dict], *, paired: dict, moved_cgl: float | None,
     lines.append(f'- {where}: {verdict}: mean paired difference {result["mean"]:+.2f}{paper}, '
                  f'95 % t-interval {ci}, sign-flip p = {result["p"]:.3g} over {result["n"]} '
                  'seeds.')
-  def untrained(row):
-    top1 = [r['best_val_top1'] for r in main if r['row'] == row]
-    if top1 and statistics.mean(top1) < LEARNED:
-      return (f'the {ROW_TITLES[row]} runs reach {100 * statistics.mean(top1):.1f} % validation '
-              f'top-1 on average (under {100 * LEARNED:.0f} %: not trained)')
-    return None
-
-  def still(row, value):
-    if value is None or value < MOVED:
-      return (f'the {row} runs\' conv2 group norms differ from the weight-decay runs\' by '
-              f'{"—" if value is None else f"{100 * value:.1f} %"} (median over seeds), under '
-              f'the {100 * MOVED:.0f} % that shows the regularizer acted')
-    return None
-
   # The headline compares CGL with weight decay: it needs those two rows trained and CGL acting.
   reasons = [f'only {seeds} seed(s) (at least {MIN_SEEDS} needed)'] if seeds < MIN_SEEDS else []
-  reasons += [r for r in (untrained('baseline'), untrained('cgl'), still('CGL', moved_cgl)) if r]
+  reasons += [r for r in (untrained(main, 'baseline'), untrained(main, 'cgl'),
+                          idle('CGL', moved_cgl)) if r]
   if reasons:
     lines.append('- **Not settled**: ' + '; '.join(reasons) + '. These numbers say nothing about '
                  "the paper's claim either way.")
@@ -231,7 +242,7 @@ def conclusion(main: Sequence[dict], *, paired: dict, moved_cgl: float | None,
     lines.append(f'- The CGL regularizers acted (conv2 group norms {100 * moved_cgl:.0f} % away '
                  f'from weight decay, median over seeds) and both rows learned the task, with '
                  f'{seeds} seeds, so the statements above answer the question for this setting.')
-  rbn = [r for r in (untrained('rbn'), still('R_bn', moved_rbn)) if r]
+  rbn = [r for r in (untrained(main, 'rbn'), idle('R_bn', moved_rbn)) if r]
   if rbn:
     lines.append('- R_bn alone: ' + '; '.join(rbn) + '; its comparison with weight decay below '
                  'says nothing about the effect of R_bn on interpretability.')
@@ -354,14 +365,14 @@ def figures(args, main: Sequence[dict]) -> list[str]:
 def with_change_vs_baseline(records: Sequence[dict], baselines: Sequence[dict]) -> list[dict]:
   """`records` with diagnostics['change_vs_baseline'] from the weight-decay runs of their seeds
   in `baselines` (another stage): ‖β − β_wd‖/‖β_wd‖ per layer."""
+  from cgl_jax import diagnostics  # pylint: disable=g-import-not-at-top
   norms = {r['seed']: r['diagnostics']['group_norms'] for r in baselines if r['row'] == 'baseline'}
   out = []
   for r in records:
     r = dict(r, diagnostics=dict(r['diagnostics']))
     if r['seed'] in norms:
       r['diagnostics']['change_vs_baseline'] = {
-          layer: float(np.linalg.norm(np.subtract(values, norms[r['seed']][layer]))
-                       / np.linalg.norm(norms[r['seed']][layer]))
+          layer: diagnostics.relative_change(values, norms[r['seed']][layer])
           for layer, values in r['diagnostics']['group_norms'].items()}
     out.append(r)
   return out
@@ -375,16 +386,9 @@ def ablation_lines(main: Sequence[dict], ablation: Sequence[dict]) -> tuple[list
              f'λ_s {hparams["lambda_s"]:g}')
   paired = {view: paired_difference(seed_pairs([*main, *ablation], ABLATION_ROW, view))
             for view in VIEWS}
-  top1 = statistics.mean(r['best_val_top1'] for r in ablation)
-  acted = moved(ablation, ABLATION_ROW)
   result = paired[VIEWS[0]]
-  caveats = []
-  if top1 < LEARNED:
-    caveats.append(f'these runs reach {100 * top1:.1f} % validation top-1 on average (not '
-                   'trained)')
-  if acted is None or acted < MOVED:
-    caveats.append('their conv2 group norms stay within '
-                   f'{MOVED:.0%} of weight decay\'s (the regularizers did not act)')
+  caveats = [r for r in (untrained(ablation, ABLATION_ROW),
+                         idle('fixed-λ CGL', moved(ablation, ABLATION_ROW))) if r]
   conclusion_line = (
       f'- Ablation, CGL at fixed {lambdas} (not tuned): CGL − weight decay = '
       f'{result["mean"]:+.2f} conv2 unique detectors (ours), 95 % t-interval '
@@ -396,11 +400,8 @@ def ablation_lines(main: Sequence[dict], ablation: Sequence[dict]) -> tuple[list
              'Is the answer a property of the λ the sweep chose? The same seeds as the main '
              'stage, paired with its weight-decay runs (same initialisation, same batches).', '',
              '| measurement | per seed | mean | 95 % t-interval | p |', '|---|---|---|---|---|']
-  for view, value in paired.items():
-    section.append(f'| {VIEW_TITLES[view]} | '
-                   f'{", ".join(f"{d:+.0f}" for d in value["differences"])} | '
-                   f'{value["mean"]:+.2f} | [{value["low"]:+.2f}, {value["high"]:+.2f}] | '
-                   f'{value["p"]:.3g} |')
+  section += [f'| {VIEW_TITLES[view]} | {paired_cells(value)} |'
+              for view, value in paired.items()]
   for view in VIEWS[:2]:
     section += ['', f'{VIEW_TITLES[view]}:', '',
                 *table1(ablation, view, rows=(ABLATION_ROW,), with_paper=False)]
@@ -474,10 +475,7 @@ def write(args, stages: dict) -> None:
       '| row − weight decay | measurement | per seed | mean | 95 % t-interval | p |',
       '|---|---|---|---|---|---|']
   for (row, view), result in paired.items():
-    lines.append(f'| {ROW_TITLES[row]} | {VIEW_TITLES[view]} | '
-                 f'{", ".join(f"{d:+.0f}" for d in result["differences"])} | '
-                 f'{result["mean"]:+.2f} | [{result["low"]:+.2f}, {result["high"]:+.2f}] | '
-                 f'{result["p"]:.3g} |')
+    lines.append(f'| {ROW_TITLES[row]} | {VIEW_TITLES[view]} | {paired_cells(result)} |')
   for view in VIEWS:
     lines += ['', f'## Table 1, binary, {VIEW_TITLES[view]}', '', *table1(main, view)]
   lines += ['', '## What the regularizers did (per run, mean ± sd over seeds)', '',

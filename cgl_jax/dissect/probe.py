@@ -11,8 +11,7 @@ Streamed, memory is independent of the number of probe images: per layer a [C, 2
 the [C, L] / [C, G] counts and [C, top_images] indices. With `settings.probe_cache` 'device' (or
 'auto' on an accelerator and a probe set under `DEVICE_CACHE_BYTES`) the images and labels are
 read and decoded once, kept on the device as the batches the passes consume, and every pass runs
-from there. All
-layers are probed in the same passes, each with its own thresholds and counts.
+from there. All layers are probed in the same passes, each with its own thresholds and counts.
 """
 from __future__ import annotations
 
